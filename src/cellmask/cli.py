@@ -1,0 +1,86 @@
+"""The ``cellmask`` command line.
+
+Each sub-command's arguments are declared here; its work is done by a function in the module
+that owns it, imported only when that command runs (so ``cellmask score`` never imports torch).
+Errors at a boundary (:class:`cellmask.errors.DataError`, missing files) print one line on
+stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from cellmask.errors import DataError
+
+# command name -> ("module:function", help, argument builder)
+_Builder = Callable[[argparse.ArgumentParser], None]
+
+
+def _synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="output root; receives the Kaggle competition layout")
+    p.add_argument("--train", type=int, default=24, help="annotated training images (default 24)")
+    p.add_argument("--unlabeled", type=int, default=6, help="train_semi_supervised images (default 6)")
+    p.add_argument("--test", type=int, default=3, help="test images (default 3)")
+    p.add_argument("--livecell", type=int, default=8, help="LIVECell images over train/val/test (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    p.add_argument("--size", default="520x704", help="image size HxW (default 520x704)")
+
+
+def _score_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--truth", required=True, help="competition-style train.csv with the truth")
+    p.add_argument("--pred", required=True, help="submission.csv (id,predicted) to score")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="submission.csv to check")
+    p.add_argument("--images", required=True, help="folder of the test images the submission is for")
+
+
+COMMANDS: dict[str, tuple[str, str, _Builder]] = {
+    "synth": (
+        "cellmask.data.synthetic:cli_synth",
+        "write a synthetic dataset in the exact Kaggle layout",
+        _synth_args,
+    ),
+    "score": (
+        "cellmask.metric:cli_score",
+        "score a submission against a truth CSV with the competition metric",
+        _score_args,
+    ),
+    "check-submission": (
+        "cellmask.submission:cli_check_submission",
+        "validate a submission.csv before uploading it",
+        _check_args,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per entry of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="cellmask", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (target, help_text, add_arguments) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(_target=target)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    module_name, func_name = args._target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(func(args) or 0)
+    except (DataError, FileNotFoundError) as exc:
+        print(f"cellmask {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

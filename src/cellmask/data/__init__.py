@@ -1,0 +1,1 @@
+"""Data layer: RLE codec, competition and LIVECell readers, synthetic data, datasets."""
