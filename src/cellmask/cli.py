@@ -40,6 +40,12 @@ def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="folder of the test images the submission is for")
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from cellmask.train import add_train_arguments
+
+    add_train_arguments(p)
+
+
 COMMANDS: dict[str, tuple[str, str, _Builder]] = {
     "synth": (
         "cellmask.data.synthetic:cli_synth",
@@ -55,6 +61,11 @@ COMMANDS: dict[str, tuple[str, str, _Builder]] = {
         "cellmask.submission:cli_check_submission",
         "validate a submission.csv before uploading it",
         _check_args,
+    ),
+    "train": (
+        "cellmask.train:cli_train",
+        "train a model (LIVECell pretraining or competition fine-tuning)",
+        _train_args,
     ),
 }
 

@@ -1,0 +1,229 @@
+"""``cellmask train``: train one detector on LIVECell or the competition data.
+
+::
+
+    cellmask train --config configs/cascade_rcnn_resnext101.yaml --data DATA_ROOT \\
+        --dataset livecell --out runs/det2_livecell [--profile paper|demo|smoke]
+    cellmask train --config configs/cascade_rcnn_resnext101.yaml --data DATA_ROOT \\
+        --dataset sartorius --out runs/det2 --init runs/det2_livecell/best.pt
+
+Data (paper, section 5.3): LIVECell's train + test splits train and its val split validates
+(8 cell types, 9 classes with background); the competition's annotated images are split 95/5
+(``train.val_fraction``) grouped by sample and stratified by cell type (3 types, 4 classes).
+Validation is COCO box AP each epoch; ``best.pt`` keeps the best ``val_AP``.
+
+Several GPUs: ``torchrun --nproc_per_node N -m cellmask.cli train ...`` (each process loads
+``train.batch_size`` images per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from cellmask.config import PROFILES, get, load_config
+
+DATASETS = ("sartorius", "livecell")
+
+log = logging.getLogger("cellmask.train")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``cellmask train`` arguments (the CLI registers them with :func:`cli_train`)."""
+    p.add_argument("--config", required=True, help="model config YAML, e.g. configs/faster_rcnn_swin_t.yaml")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="data root in the Kaggle layout (default: $CELLMASK_DATA, Kaggle's input folder, or data/synthetic)",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="sartorius",
+        help="sartorius: competition train.csv (95/5 split); livecell: LIVECell train+test / val (default sartorius)",
+    )
+    p.add_argument("--out", required=True, help="run directory (checkpoints, config.yaml, metrics.csv/png)")
+    p.add_argument("--profile", choices=PROFILES, default="paper", help="config profile (default paper)")
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="CKPT",
+        help="initialise weights from a checkpoint (class layers re-initialised if the class count differs)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--epochs", type=int, default=None, help="total epochs (overrides train.epochs)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=2e-4 (repeatable; value parsed as YAML)",
+    )
+
+
+def cli_train(args: argparse.Namespace) -> int:
+    """Handler of ``cellmask train``; returns the exit status."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
+    cfg = load_config(args.config, profile=args.profile, overrides=list(args.overrides) or None)
+    result = run_training(
+        cfg,
+        data_root=args.data,
+        dataset=args.dataset,
+        out_dir=args.out,
+        init=args.init,
+        resume=args.resume,
+        epochs=args.epochs,
+        device=args.device,
+    )
+    if result.get("is_main", True):
+        best = result.get("best")
+        where = Path(result["out_dir"])
+        if best:
+            print(
+                f"best {best['metric']} = {best['value']:.4f} at epoch {best['epoch']}: {where / 'best.pt'}"
+            )
+        print(f"run directory: {where}")
+    return 0
+
+
+def load_split(
+    cfg: dict[str, Any], data_root: str | Path, dataset: str
+) -> tuple[list, list, tuple[str, ...]]:
+    """``(train records, val records, class names)`` of ``dataset`` under ``data_root``.
+
+    Raises:
+        FileNotFoundError: a file of the layout is missing (the reader names it).
+        DataError: no annotated image, or too few sample groups to split off a validation set.
+    """
+    from cellmask import CLASSES
+    from cellmask.data.folds import train_val_split
+    from cellmask.data.livecell import LIVECELL_CLASSES, read_livecell
+    from cellmask.data.sartorius import read_train_csv
+    from cellmask.errors import DataError
+    from cellmask.paths import CompetitionLayout
+
+    layout = CompetitionLayout(Path(data_root))
+    if dataset == "livecell":
+        train = read_livecell(layout.livecell_root, ("train", "test"))
+        val = read_livecell(layout.livecell_root, ("val",))
+        classes: tuple[str, ...] = LIVECELL_CLASSES
+    elif dataset == "sartorius":
+        records = read_train_csv(layout.train_csv, layout.train_dir)
+        if len(records) < 2:
+            raise DataError(
+                f"{layout.train_csv}: {len(records)} annotated image(s); need at least 2 to train and validate"
+            )
+        fraction = float(get(cfg, "train.val_fraction", 0.05))
+        groups = len({r.sample_id or r.image_id for r in records})
+        if groups < 2:
+            raise DataError(
+                f"{layout.train_csv}: all images belong to one sample; cannot split off a validation set"
+            )
+        if round(1 / fraction) > groups:  # small (e.g. synthetic) data: fewer sample groups than folds
+            fraction = 1.0 / groups
+            log.warning("only %d sample groups: validation fraction raised to 1/%d", groups, groups)
+        train, val = train_val_split(records, val_fraction=fraction, seed=int(get(cfg, "train.seed", 0)))
+        classes = CLASSES
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    if not train:
+        raise DataError(f"{data_root}: no training images for dataset {dataset}")
+    return train, val, classes
+
+
+def run_training(
+    cfg: dict[str, Any],
+    data_root: str | Path | None,
+    dataset: str,
+    out_dir: str | Path,
+    *,
+    init: str | Path | None = None,
+    resume: bool = False,
+    epochs: int | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Read the data, build datasets, loaders and the model from ``cfg``, and :func:`~cellmask.engine.fit`.
+
+    Returns :func:`~cellmask.engine.fit`'s result plus ``is_main`` (rank 0) and ``classes``.
+    """
+    from cellmask.coco_eval import evaluate_detector
+    from cellmask.data.datasets import DetectionDataset, collate
+    from cellmask.data.transforms import build_transforms
+    from cellmask.engine import (
+        build_eval_loader,
+        build_train_loader,
+        cleanup_distributed,
+        fit,
+        init_distributed,
+        seed_everything,
+    )
+    from cellmask.models import build_detector
+    from cellmask.paths import default_data_root
+
+    data_root = Path(data_root) if data_root is not None else default_data_root()
+    if resume and not (Path(out_dir) / "last.pt").is_file():  # fail before reading any data
+        raise FileNotFoundError(f"{Path(out_dir) / 'last.pt'}: no such checkpoint to resume from")
+    if init is not None and not resume and not Path(init).is_file():
+        raise FileNotFoundError(f"{init}: no such checkpoint (--init)")
+    info = init_distributed(device)
+    try:
+        train_records, val_records, classes = load_split(cfg, data_root, dataset)
+        num_classes = len(classes) + 1
+        cfg = dict(cfg)
+        cfg["data"] = {
+            "dataset": dataset,
+            "root": str(data_root),
+            "classes": list(classes),
+            "num_classes": num_classes,
+            "num_train": len(train_records),
+            "num_val": len(val_records),
+        }
+        log.info(
+            "%s: %d training and %d validation images, %d classes",
+            dataset,
+            len(train_records),
+            len(val_records),
+            len(classes),
+        )
+        augment = cfg.get("augment") or {}
+        with_masks = bool(get(cfg, "model.mask.enabled", False))
+        train_set = DetectionDataset(
+            train_records, build_transforms(augment, train=True), with_masks=with_masks
+        )
+        train_loader = build_train_loader(train_set, cfg, collate, info)
+
+        seed_everything(int(get(cfg, "train.seed", 0)))  # the model's initialisation is reproducible
+        model = build_detector(cfg["model"], num_classes=num_classes)
+
+        val_fn = None
+        if val_records:
+            val_set = DetectionDataset(val_records, build_transforms(augment, train=False), with_masks=False)
+            val_loader = build_eval_loader(val_set, cfg, collate)
+            amp = bool(get(cfg, "train.amp", False))
+
+            def val_fn(m, epoch):
+                return evaluate_detector(m, val_loader, info.device, num_classes=num_classes, amp=amp)
+
+        result = fit(
+            model,
+            train_loader,
+            val_fn,
+            cfg,
+            out_dir,
+            resume=resume,
+            init=init,
+            epochs=epochs,
+            device=info.device,
+        )
+        result.update(is_main=info.is_main, classes=classes)
+        return result
+    finally:
+        if info.distributed:
+            cleanup_distributed()

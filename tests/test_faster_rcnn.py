@@ -1,0 +1,280 @@
+"""Faster R-CNN (smoke Swin) + the detector registry: config wiring, anchors, training, overfitting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from cellmask import config
+from cellmask.models import DETECTOR_TYPES, build_detector, register_detector
+from cellmask.models.faster_rcnn import CellFasterRCNN, build_faster_rcnn, build_rpn, build_transform
+
+SMOKE_SWIN = {
+    "name": "swin_tiny_patch4_window7_224",
+    "pretrained": False,
+    "kwargs": {"embed_dim": 32, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]},
+}
+SMOKE_RESNEST = {
+    "name": "resnest101e",
+    "pretrained": False,
+    "kwargs": {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16},
+}
+
+
+def smoke_model_cfg(backbone=SMOKE_SWIN, **sections) -> dict:
+    cfg = {
+        "type": "faster_rcnn",
+        "backbone": dict(backbone),
+        "fpn": {"out_channels": 32},
+        "transform": {"min_size": 128, "max_size": 160},
+        "rpn": {"batch_size_per_image": 64},
+        "roi": {"representation_size": 128, "batch_size_per_image": 128, "detections_per_img": 1000},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    return cfg
+
+
+def synthetic_image(rng: np.random.Generator, h: int, w: int, n: int) -> tuple[torch.Tensor, dict]:
+    """A textured gray background with ``n`` non-overlapping bright ellipses (label 1)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 0.3 + 0.05 * rng.standard_normal((h, w)) + 0.05 * np.sin(xx / 7.0) * np.cos(yy / 5.0)
+    boxes: list[np.ndarray] = []
+    while len(boxes) < n:
+        a, b = rng.uniform(6, 14), rng.uniform(6, 14)
+        cy, cx = rng.uniform(b + 2, h - b - 2), rng.uniform(a + 2, w - a - 2)
+        inside = ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1
+        box = np.array(
+            [xx[inside].min(), yy[inside].min(), xx[inside].max() + 1, yy[inside].max() + 1], dtype=np.float32
+        )
+        if boxes and box_iou(torch.from_numpy(box)[None], torch.from_numpy(np.stack(boxes))).max() > 0:
+            continue
+        img[inside] = 0.85 + 0.05 * rng.standard_normal(int(inside.sum()))
+        boxes.append(box)
+    image = torch.tensor(np.clip(img, 0, 1), dtype=torch.float32)[None].repeat(3, 1, 1)
+    return image, {"boxes": torch.from_numpy(np.stack(boxes)), "labels": torch.ones(n, dtype=torch.int64)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Smoke Faster R-CNN (Swin) overfit on two 120x150 images (resized to 128x160 inside): ~10 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    data = [synthetic_image(rng, 120, 150, 5) for _ in range(2)]
+    images, targets = [d[0] for d in data], [d[1] for d in data]
+    model = build_detector(smoke_model_cfg(), num_classes=2)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
+    losses = []
+    for _ in range(50):
+        loss = sum(model(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    torch.set_num_threads(threads)
+    return model, images, targets, losses
+
+
+def test_registry_builds_faster_rcnn_with_config_settings():
+    cfg = smoke_model_cfg(
+        rpn={"pre_nms_top_n_train": 1500, "post_nms_top_n_test": 800, "nms_thresh": 0.65},
+        roi={"score_thresh": 0.01, "nms_thresh": 0.4, "detections_per_img": 1200},
+        transform={"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]},
+    )
+    model = build_detector(cfg, num_classes=4)
+    assert isinstance(model, CellFasterRCNN)
+    assert model.roi_heads.detections_per_img == 1200
+    assert model.roi_heads.score_thresh == 0.01 and model.roi_heads.nms_thresh == 0.4
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+    assert model.roi_heads.box_predictor.bbox_pred.out_features == 16
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2", "3"]
+    assert model.roi_heads.box_roi_pool.output_size == (7, 7)
+    assert model.roi_heads.box_roi_pool.sampling_ratio == 2
+    assert model.roi_heads.box_head.fc7.out_features == 128
+    assert model.rpn._pre_nms_top_n == {"training": 1500, "testing": 1000}
+    assert model.rpn._post_nms_top_n == {"training": 2000, "testing": 800}
+    assert model.rpn.nms_thresh == 0.65
+    assert model.transform.min_size == (128,) and model.transform.max_size == 160
+    assert model.transform.image_mean == [0.5, 0.5, 0.5] and model.transform.image_std == [0.25, 0.25, 0.25]
+    assert model.transform.size_divisible == 32
+
+
+def test_paper_defaults_without_building_a_paper_backbone():
+    # the sections' defaults are the paper's: >= 1000 detections, 2000/1000 proposals, 520/704
+    model = build_faster_rcnn({"backbone": SMOKE_SWIN}, num_classes=4)
+    assert model.roi_heads.detections_per_img >= 1000
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 512
+    assert model.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
+    assert model.rpn._post_nms_top_n == {"training": 2000, "testing": 1000}
+    assert model.transform.min_size == (520,) and model.transform.max_size == 704
+    assert model.backbone.out_channels == 256
+    rpn, transform = build_rpn({}, 256), build_transform({})
+    assert rpn._post_nms_top_n["testing"] == 1000 and transform.max_size == 704
+
+
+def test_anchors_are_cell_sized():
+    model = build_faster_rcnn(smoke_model_cfg(), num_classes=4)
+    gen = model.rpn.anchor_generator
+    assert gen.num_anchors_per_location() == [5] * 5
+    cells = torch.cat([a for a in gen.cell_anchors])
+    w, h = cells[:, 2] - cells[:, 0], cells[:, 3] - cells[:, 1]
+    sizes, ratios = torch.sqrt(w * h), h / w
+    assert sizes.min().item() == pytest.approx(8.0)  # P2's square anchor is 8x8 px
+    assert sizes.max().item() == pytest.approx(128.0, rel=0.05)
+    assert ratios.min().item() == pytest.approx(0.25, rel=0.05)
+    assert ratios.max().item() == pytest.approx(4.0, rel=0.05)
+    assert [float(s[0]) for s in gen.sizes] == [8, 16, 32, 64, 128]
+    assert gen.aspect_ratios[0] == (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def test_anchor_config_is_validated():
+    with pytest.raises(ValueError, match="levels"):
+        build_faster_rcnn(smoke_model_cfg(anchor={"sizes": [[8], [16]]}), num_classes=4)
+    with pytest.warns(UserWarning, match="detection_per_img"):
+        build_faster_rcnn(smoke_model_cfg(roi={"detection_per_img": 10}), num_classes=4)
+
+
+def test_class_dependent_prefixes_cover_exactly_the_class_shaped_weights():
+    torch.manual_seed(0)
+    four = build_detector(smoke_model_cfg(), num_classes=4)
+    nine = build_detector(smoke_model_cfg(), num_classes=9)
+    prefixes = four.class_dependent_prefixes()
+    assert prefixes == nine.class_dependent_prefixes() == ["roi_heads.box_predictor."]
+    s4, s9 = four.state_dict(), nine.state_dict()
+    assert s4.keys() == s9.keys()
+    differ = {k for k in s4 if s4[k].shape != s9[k].shape}
+    assert differ == {k for k in s4 if k.startswith(tuple(prefixes))}
+    assert differ  # the predictor's weights and biases
+
+
+def test_unknown_type_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"cascade_mask_rcnn.*cascade_rcnn.*faster_rcnn"):
+        build_detector({"type": "yolo", "backbone": SMOKE_SWIN}, num_classes=4)
+    with pytest.raises(ValueError, match="unknown model.type None"):
+        build_detector({"backbone": SMOKE_SWIN}, num_classes=4)
+    assert set(DETECTOR_TYPES) >= {"faster_rcnn", "cascade_rcnn", "cascade_mask_rcnn"}
+
+
+@pytest.mark.parametrize(("kind", "mask"), [("cascade_rcnn", False), ("cascade_mask_rcnn", True)])
+def test_cascade_types_get_a_backbone_and_mask_flag(monkeypatch, kind, mask):
+    import cellmask.models as models
+
+    seen = {}
+
+    def fake_builder(model_cfg, num_classes, backbone):
+        seen.update(cfg=model_cfg, num_classes=num_classes, backbone=backbone)
+        return "built"
+
+    monkeypatch.setitem(models._REGISTRY, kind, fake_builder)
+    cfg = smoke_model_cfg()
+    cfg["type"] = kind
+    assert build_detector(cfg, num_classes=9) == "built"
+    assert seen["cfg"]["mask"]["enabled"] is mask and seen["num_classes"] == 9
+    assert seen["backbone"].out_channels == 32
+    assert "mask" not in cfg  # the caller's config is not modified
+    cfg["mask"] = {"enabled": not mask}
+    with pytest.raises(ValueError, match="contradicts"):
+        build_detector(cfg, num_classes=9)
+
+
+def test_register_detector_adds_a_type(monkeypatch):
+    import cellmask.models as models
+
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    register_detector("my_rcnn", "cellmask.models.faster_rcnn:build_faster_rcnn")
+    model = build_detector({**smoke_model_cfg(), "type": "my_rcnn"}, num_classes=3)
+    assert isinstance(model, CellFasterRCNN)
+
+
+def test_importing_models_is_cheap():
+    code = (
+        "import sys, cellmask.models; print(any(m in sys.modules for m in ('torch', 'timm', 'torchvision')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_resnest_faster_rcnn_trains_at_batch_one():
+    torch.manual_seed(0)
+    image, target = synthetic_image(np.random.default_rng(1), 96, 120, 3)
+    model = build_detector(smoke_model_cfg(SMOKE_RESNEST), num_classes=4).train()
+    losses = model([image], [target])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert model.roi_heads.box_predictor.cls_score.weight.grad is not None
+
+
+def test_training_loss_falls(trained):
+    _, _, _, losses = trained
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert np.isfinite(losses).all()
+    assert last < 0.5 * first, (first, last)
+
+
+def test_overfit_top_detections_hit_the_truth(trained):
+    model, images, targets, _ = trained
+    with torch.no_grad():
+        outputs = model(images)
+    for out, target in zip(outputs, targets, strict=True):
+        n = len(target["boxes"])
+        top = out["boxes"][: 2 * n]  # sorted by score
+        assert len(top) >= n
+        best = box_iou(target["boxes"], top).max(dim=1).values
+        assert (best > 0.5).float().mean() >= 0.8, best
+        assert out["scores"][:n].min() > 0.5
+
+
+def test_eval_boxes_are_in_original_image_coordinates(trained):
+    model, images, targets, _ = trained
+    # the same image at another size: detections scale with it (the transform resizes inside)
+    big = torch.nn.functional.interpolate(images[0][None], scale_factor=2.0, mode="bilinear")[0]
+    with torch.no_grad():
+        small_out, big_out = model([images[0], big])
+    for out, image in [(small_out, images[0]), (big_out, big)]:
+        h, w = image.shape[-2:]
+        assert set(out) == {"boxes", "labels", "scores"}
+        boxes = out["boxes"]
+        assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= w).all()
+        assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= h).all()
+    n = len(targets[0]["boxes"])
+    best = box_iou(targets[0]["boxes"] * 2, big_out["boxes"][: 2 * n]).max(dim=1).values
+    assert (best > 0.5).float().mean() >= 0.8, best
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("profile", ["smoke", "paper"])
+def test_builds_from_the_branch_config(profile):
+    path = CONFIGS / "faster_rcnn_swin_t.yaml"
+    cfg = config.load_config(path, profile=profile, overrides={"model": {"backbone": {"pretrained": False}}})
+    model = build_detector(cfg["model"], num_classes=4)
+    assert isinstance(model, CellFasterRCNN)
+    assert model.backbone.name == "swin_tiny_patch4_window7_224"
+    if profile == "paper":  # construction only: a paper-size forward is too slow for the tests
+        assert model.roi_heads.detections_per_img >= 1000
+        assert model.backbone.out_channels == 256
+        return
+    image, target = synthetic_image(np.random.default_rng(2), 100, 130, 3)
+    losses = model.train()([image], [target])
+    assert torch.isfinite(sum(losses.values()))
