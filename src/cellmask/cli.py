@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -70,20 +71,35 @@ COMMANDS: dict[str, tuple[str, str, _Builder]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one sub-parser per entry of :data:`COMMANDS`."""
+# Commands that use no BLAS: their process start is part of what users wait for (scoring a
+# submission), and OpenBLAS spends tens of milliseconds starting threads when numpy loads.
+_NO_BLAS_COMMANDS = ("score", "check-submission")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per entry of :data:`COMMANDS`.
+
+    Args:
+        command: when given, only that sub-command's arguments are declared (the others are
+            listed by name), so running one command imports nothing another needs.
+    """
     parser = argparse.ArgumentParser(prog="cellmask", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (target, help_text, add_arguments) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(p)
+        if command is None or name == command:
+            add_arguments(p)
         p.set_defaults(_target=target)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    if args.command in _NO_BLAS_COMMANDS:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     module_name, func_name = args._target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     try:
