@@ -1,4 +1,4 @@
-"""``cellmask train``: train one detector on LIVECell or the competition data.
+"""``cellmask train``: train one detector, or the segmenter, on LIVECell or the competition data.
 
 ::
 
@@ -11,6 +11,16 @@ Data (paper, section 5.3): LIVECell's train + test splits train and its val spli
 (8 cell types, 9 classes with background); the competition's annotated images are split 95/5
 (``train.val_fraction``) grouped by sample and stratified by cell type (3 types, 4 classes).
 Validation is COCO box AP each epoch; ``best.pt`` keeps the best ``val_AP``.
+
+The segmenter (``model.type: segmenter``, ``configs/segmenter_upernet_swin_t.yaml``) trains the
+same way on the same splits, on crops of the truth instances; it validates by the mean mask IoU
+of the validation instances segmented from their truth boxes (``val_mIoU``). It is
+class-agnostic, so ``--init`` from a LIVECell segmenter carries every weight::
+
+    cellmask train --config configs/segmenter_upernet_swin_t.yaml --data DATA_ROOT \\
+        --dataset livecell --out runs/seg_livecell
+    cellmask train --config configs/segmenter_upernet_swin_t.yaml --data DATA_ROOT \\
+        --dataset sartorius --out runs/seg --init runs/seg_livecell/best.pt
 
 Several GPUs: ``torchrun --nproc_per_node N -m cellmask.cli train ...`` (each process loads
 ``train.batch_size`` images per step).
@@ -151,20 +161,13 @@ def run_training(
 ) -> dict[str, Any]:
     """Read the data, build datasets, loaders and the model from ``cfg``, and :func:`~cellmask.engine.fit`.
 
+    ``model.type: segmenter`` trains the segmentation module (:func:`segmenter_parts`), any
+    other type a detector (:func:`detector_parts`).
+
     Returns :func:`~cellmask.engine.fit`'s result plus ``is_main`` (rank 0) and ``classes``.
     """
-    from cellmask.coco_eval import evaluate_detector
-    from cellmask.data.datasets import DetectionDataset, collate
-    from cellmask.data.transforms import build_transforms
-    from cellmask.engine import (
-        build_eval_loader,
-        build_train_loader,
-        cleanup_distributed,
-        fit,
-        init_distributed,
-        seed_everything,
-    )
-    from cellmask.models import build_detector
+    from cellmask.engine import cleanup_distributed, fit, init_distributed
+    from cellmask.models.segmenter import is_segmenter_config
     from cellmask.paths import default_data_root
 
     data_root = Path(data_root) if data_root is not None else default_data_root()
@@ -192,25 +195,8 @@ def run_training(
             len(val_records),
             len(classes),
         )
-        augment = cfg.get("augment") or {}
-        with_masks = bool(get(cfg, "model.mask.enabled", False))
-        train_set = DetectionDataset(
-            train_records, build_transforms(augment, train=True), with_masks=with_masks
-        )
-        train_loader = build_train_loader(train_set, cfg, collate, info)
-
-        seed_everything(int(get(cfg, "train.seed", 0)))  # the model's initialisation is reproducible
-        model = build_detector(cfg["model"], num_classes=num_classes)
-
-        val_fn = None
-        if val_records:
-            val_set = DetectionDataset(val_records, build_transforms(augment, train=False), with_masks=False)
-            val_loader = build_eval_loader(val_set, cfg, collate)
-            amp = bool(get(cfg, "train.amp", False))
-
-            def val_fn(m, epoch):
-                return evaluate_detector(m, val_loader, info.device, num_classes=num_classes, amp=amp)
-
+        build_parts = segmenter_parts if is_segmenter_config(cfg) else detector_parts
+        model, train_loader, val_fn = build_parts(cfg, train_records, val_records, num_classes, info)
         result = fit(
             model,
             train_loader,
@@ -227,3 +213,70 @@ def run_training(
     finally:
         if info.distributed:
             cleanup_distributed()
+
+
+def detector_parts(
+    cfg: dict[str, Any], train_records: list, val_records: list, num_classes: int, info: Any
+) -> tuple[Any, Any, Any]:
+    """``(model, train loader, val_fn)`` of a detector: images with boxes (and masks for mask
+    models), COCO box AP on the validation images."""
+    from cellmask.coco_eval import evaluate_detector
+    from cellmask.data.datasets import DetectionDataset, collate
+    from cellmask.data.transforms import build_transforms
+    from cellmask.engine import build_eval_loader, build_train_loader, seed_everything
+    from cellmask.models import build_detector
+
+    augment = cfg.get("augment") or {}
+    with_masks = bool(get(cfg, "model.mask.enabled", False))
+    train_set = DetectionDataset(train_records, build_transforms(augment, train=True), with_masks=with_masks)
+    train_loader = build_train_loader(train_set, cfg, collate, info)
+
+    seed_everything(int(get(cfg, "train.seed", 0)))  # the model's initialisation is reproducible
+    model = build_detector(cfg["model"], num_classes=num_classes)
+
+    val_fn = None
+    if val_records:
+        val_set = DetectionDataset(val_records, build_transforms(augment, train=False), with_masks=False)
+        val_loader = build_eval_loader(val_set, cfg, collate)
+        amp = bool(get(cfg, "train.amp", False))
+
+        def val_fn(m, epoch):
+            return evaluate_detector(m, val_loader, info.device, num_classes=num_classes, amp=amp)
+
+    return model, train_loader, val_fn
+
+
+def segmenter_parts(
+    cfg: dict[str, Any], train_records: list, val_records: list, num_classes: int, info: Any
+) -> tuple[Any, Any, Any]:
+    """``(model, train loader, val_fn)`` of the segmenter: per-image batches of truth-instance
+    crops (:class:`~cellmask.data.crops.CropDataset`, ``crops`` section), validated by the mean
+    mask IoU of the validation instances segmented from their truth boxes (``val_mIoU``).
+    The segmenter is class-agnostic: ``num_classes`` is not used."""
+    from cellmask.data.crops import CropDataset
+    from cellmask.data.datasets import collate
+    from cellmask.engine import build_train_loader, seed_everything
+    from cellmask.models.segmenter import build_segmenter, evaluate_segmenter
+
+    crop = get(cfg, "model.crop", {}) or {}
+    train_set = CropDataset(
+        train_records,
+        cfg.get("crops"),
+        size=int(crop.get("size", 128)),
+        sampling_ratio=int(crop.get("sampling_ratio", 2)),
+        train=True,
+    )
+    train_loader = build_train_loader(train_set, cfg, collate, info)
+
+    seed_everything(int(get(cfg, "train.seed", 0)))  # the model's initialisation is reproducible
+    model = build_segmenter(cfg["model"])
+
+    val_fn = None
+    if val_records:
+        amp = bool(get(cfg, "train.amp", False))
+        max_images = get(cfg, "val.max_images")
+
+        def val_fn(m, epoch):
+            return evaluate_segmenter(m, val_records, info.device, max_images=max_images, amp=amp)
+
+    return model, train_loader, val_fn

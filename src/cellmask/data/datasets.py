@@ -81,7 +81,7 @@ class _ImageSource:
         return image
 
 
-def _instance_indices(record: ImageRecord, i: int) -> np.ndarray:
+def instance_indices(record: ImageRecord, i: int) -> np.ndarray:
     """Flat row-major pixel indices of instance ``i`` (RLE: straight from the runs)."""
     if record.seg_format == "rle":
         starts, lengths = rle_to_runs(record.segmentations[i], record.height, record.width)
@@ -173,7 +173,7 @@ class DetectionDataset(Dataset):
         sample: dict[str, Any] = {"image": image}
         layers_needed = n > 0 and has_segs and (geometric or self.with_masks)
         if layers_needed:
-            indices = [_instance_indices(record, i) for i in range(n)]
+            indices = [instance_indices(record, i) for i in range(n)]
             layers = layers_from_indices(indices, record.height, record.width)
             sample["layers"] = tv_tensors.Mask(torch.from_numpy(layers))
         elif n > 0 and geometric:

@@ -1,4 +1,4 @@
-"""Detectors (and, later, the segmenter): ``build_detector(model_cfg, num_classes)``.
+"""Detectors: ``build_detector(model_cfg, num_classes)`` (the segmenter: ``cellmask.models.segmenter``).
 
 Importing this package is cheap: builders (and torch / torchvision / timm) are imported when a
 detector is built. Types (``model_cfg["type"]``):
