@@ -29,12 +29,7 @@ LEVELS = ["0", "1", "2", "3", "pool"]
 STRIDES = [4, 8, 16, 32, 64]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def smoke_cfg(name: str, **extra) -> dict:

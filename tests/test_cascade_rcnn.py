@@ -30,13 +30,7 @@ NUM_CLASSES = 4  # background + shsy5y, cort, astro
 SIZE = 128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine's cores are shared: one intra-op thread, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyFPN(nn.Module):

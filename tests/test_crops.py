@@ -23,13 +23,7 @@ from cellmask.data.crops import (
 from cellmask.data.records import ImageRecord
 from cellmask.data.rle import rle_encode
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _asymmetric_mask(h: int = 40, w: int = 50, top: int = 7, left: int = 9) -> torch.Tensor:

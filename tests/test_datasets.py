@@ -24,27 +24,7 @@ from cellmask.errors import DataError
 
 torch.set_num_threads(1)
 
-OFF = {
-    "hflip": 0,
-    "vflip": 0,
-    "shift_scale_rotate": None,
-    "brightness_contrast": None,
-    "gaussian_blur": None,
-    "median_blur": None,
-}
 H, W = 520, 704
-
-
-def only(**ops) -> dict:
-    return {**OFF, **ops}
-
-
-def tight_boxes(masks) -> np.ndarray:
-    out = []
-    for m in np.asarray(masks, dtype=bool):
-        ys, xs = np.nonzero(m)
-        out.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    return np.asarray(out, dtype=np.float32).reshape(-1, 4)
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +62,10 @@ def test_item_without_augmentation(real_records, cort, cort_masks):
     np.testing.assert_array_equal(target["boxes"].numpy(), cort.boxes)
 
 
-def test_duplicated_and_overlapping_masks_survive_the_geometric_path(real_records):
+def test_duplicated_and_overlapping_masks_survive_the_geometric_path(real_records, augment_only):
     """de504eaa5349 (496 shsy5y cells) has overlaps and one duplicated mask."""
     (record,) = [r for r in real_records if r.image_id == "de504eaa5349"]
-    ds = DetectionDataset([record], transforms=build_transforms(only(resize=[H, W]), train=True))
+    ds = DetectionDataset([record], transforms=build_transforms(augment_only(resize=[H, W]), train=True))
     assert ds.transforms.geometric
     _, target = ds[0]  # resize to the same size: identity on pixels, boxes from the masks
     np.testing.assert_array_equal(target["boxes"].numpy(), record.boxes)
@@ -93,8 +73,8 @@ def test_duplicated_and_overlapping_masks_survive_the_geometric_path(real_record
 
 
 @pytest.mark.parametrize("flip", ["hflip", "vflip"])
-def test_forced_flip_mirrors_boxes_and_masks(cort, cort_masks, flip):
-    ds = DetectionDataset([cort], build_transforms(only(**{flip: 1.0}), train=True), with_masks=True)
+def test_forced_flip_mirrors_boxes_and_masks(cort, cort_masks, flip, augment_only):
+    ds = DetectionDataset([cort], build_transforms(augment_only(**{flip: 1.0}), train=True), with_masks=True)
     image, target = ds[0]
     boxes = cort.boxes
     if flip == "hflip":
@@ -108,8 +88,8 @@ def test_forced_flip_mirrors_boxes_and_masks(cort, cort_masks, flip):
     np.testing.assert_array_equal(target["labels"].numpy(), cort.labels)
 
 
-def test_rotation_gives_tight_boxes_of_the_rotated_masks(cort, cort_masks):
-    cfg = only(shift_scale_rotate={"p": 1.0, "rotate": 40, "shift": 0.02, "scale": 0.05})
+def test_rotation_gives_tight_boxes_of_the_rotated_masks(cort, cort_masks, augment_only, tight_boxes):
+    cfg = augment_only(shift_scale_rotate={"p": 1.0, "rotate": 40, "shift": 0.02, "scale": 0.05})
     torch.manual_seed(0)
     _, target = DetectionDataset([cort], build_transforms(cfg, True), with_masks=True)[0]
     masks, boxes = target["masks"].numpy(), target["boxes"].numpy()
@@ -140,7 +120,7 @@ class Shift(v2.Transform):
 
 
 @pytest.fixture
-def border_record(tmp_path) -> ImageRecord:
+def border_record(tmp_path, tight_boxes) -> ImageRecord:
     """64x96 textured image, cell 0 (label 2) touching the right border, cell 1 (label 1) centred."""
     rng = np.random.default_rng(0)
     image = rng.integers(60, 100, (64, 96), dtype=np.uint8)
@@ -196,8 +176,8 @@ def test_instance_shifted_out_is_dropped_with_its_label(border_record):
         {"median_blur": {"p": 1.0}},
     ],
 )
-def test_image_only_transforms_keep_boxes_and_masks(cort, cort_masks, op):
-    pipeline = build_transforms(only(**op), train=True)
+def test_image_only_transforms_keep_boxes_and_masks(cort, cort_masks, op, augment_only):
+    pipeline = build_transforms(augment_only(**op), train=True)
     assert not pipeline.geometric
     torch.manual_seed(0)
     image, target = DetectionDataset([cort], pipeline, with_masks=True)[0]
@@ -260,7 +240,7 @@ def livecell_records(real_root, tmp_path):
     return read_livecell_coco(json_path, image_dir), polygons
 
 
-def test_livecell_polygon_record_goes_through_the_same_path(livecell_records):
+def test_livecell_polygon_record_goes_through_the_same_path(livecell_records, augment_only, tight_boxes):
     records, polygons = livecell_records
     (record,) = records
     label = LIVECELL_CLASS_TO_LABEL["a172"]
@@ -272,7 +252,7 @@ def test_livecell_polygon_record_goes_through_the_same_path(livecell_records):
     assert target["labels"].tolist() == [label] * 3
     np.testing.assert_array_equal(target["masks"].numpy(), expected_masks)
 
-    _, target = DetectionDataset(records, build_transforms(only(hflip=1.0), True), with_masks=True)[0]
+    _, target = DetectionDataset(records, build_transforms(augment_only(hflip=1.0), True), with_masks=True)[0]
     np.testing.assert_array_equal(target["masks"].numpy(), expected_masks[:, :, ::-1])
     np.testing.assert_array_equal(target["boxes"].numpy(), tight_boxes(expected_masks[:, :, ::-1]))
     assert target["labels"].tolist() == [label] * 3
@@ -295,7 +275,7 @@ def test_labels_from(livecell_records, cort):
         DetectionDataset([cort], labels_from="cells")
 
 
-def test_records_without_instances_or_segmentations(real_root, cort):
+def test_records_without_instances_or_segmentations(real_root, cort, augment_only):
     empty = ImageRecord(image_id="e", path=cort.path, height=H, width=W)
     for transforms in (None, build_transforms({}, True)):
         image, target = DetectionDataset([empty], transforms, with_masks=True)[0]
@@ -312,7 +292,7 @@ def test_records_without_instances_or_segmentations(real_root, cort):
     )
     _, target = DetectionDataset([boxes_only])[0]
     np.testing.assert_array_equal(target["boxes"].numpy(), boxes_only.boxes)
-    _, target = DetectionDataset([boxes_only], build_transforms(only(hflip=1.0), True))[0]
+    _, target = DetectionDataset([boxes_only], build_transforms(augment_only(hflip=1.0), True))[0]
     np.testing.assert_array_equal(target["boxes"].numpy(), [[654, 10, 694, 40], [0, 500, 14, 520]])
     _, target = DetectionDataset([boxes_only], Pipeline([Shift(30, 0)], geometric=True))[0]
     assert target["labels"].tolist() == [1]  # the box pushed out is dropped
@@ -331,11 +311,11 @@ def test_image_cache(real_records):
     assert torch.equal(a, b)
 
 
-def test_unlabeled_dataset(real_root):
+def test_unlabeled_dataset(real_root, augment_only):
     from cellmask.data.sartorius import list_images
 
     records = list_images(real_root / "test")
-    ds = UnlabeledDataset(records, transforms=build_transforms(only(hflip=1.0), True))
+    ds = UnlabeledDataset(records, transforms=build_transforms(augment_only(hflip=1.0), True))
     image, index = ds[1]
     assert index == 1 and image.shape == (3, H, W) and image.dtype == torch.float32
     np.testing.assert_allclose(image[2].numpy(), read_image(records[1].path)[:, ::-1] / 255.0, atol=1e-6)
@@ -344,8 +324,8 @@ def test_unlabeled_dataset(real_root):
     assert not isinstance(image, tv_tensors.TVTensor)
 
 
-def test_dataloader_with_collate(real_records):
-    ds = DetectionDataset(real_records[:3], build_transforms(only(hflip=0.5), True))
+def test_dataloader_with_collate(real_records, augment_only):
+    ds = DetectionDataset(real_records[:3], build_transforms(augment_only(hflip=0.5), True))
     loader = DataLoader(ds, batch_size=2, shuffle=False, num_workers=0, collate_fn=collate)
     batches = list(loader)
     assert [len(b[0]) for b in batches] == [2, 1]

@@ -50,13 +50,7 @@ SIZE = 64
 CLASS_PREFIX = "det.roi_heads.box_predictor."
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Deterministic, and polite to the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyDetector(nn.Module):

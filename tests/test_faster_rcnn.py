@@ -61,12 +61,7 @@ def synthetic_image(rng: np.random.Generator, h: int, w: int, n: int) -> tuple[t
     return image, {"boxes": torch.from_numpy(np.stack(boxes)), "labels": torch.ones(n, dtype=torch.int64)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from pycocotools import mask as mask_utils
 
 from cellmask.data.images import read_image
 from cellmask.data.rle import (
-    _runs_to_indices,
     masks_to_rles,
     rle_area,
     rle_box,
@@ -22,6 +21,7 @@ from cellmask.data.rle import (
     rle_to_runs,
     rles_to_label_image,
     rles_to_masks,
+    runs_to_indices,
 )
 
 H, W = 520, 704
@@ -126,7 +126,7 @@ def test_orientation_on_real_images(real_records):
         union = rec.masks().any(0)
         wrong = np.zeros(rec.height * rec.width, dtype=bool)
         for rle in rec.segmentations:
-            wrong[_runs_to_indices(*rle_to_runs(rle, rec.height, rec.width))] = True
+            wrong[runs_to_indices(*rle_to_runs(rle, rec.height, rec.width))] = True
         wrong = wrong.reshape(rec.width, rec.height).T  # what a column-major decoder would produce
         right_ratio, wrong_ratio = _gradient_contrast(image, union), _gradient_contrast(image, wrong)
         assert right_ratio > 2.0, (rec.image_id, right_ratio)

@@ -26,12 +26,7 @@ from cellmask.models.segmenter import (
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "segmenter_upernet_swin_t.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def smoke_cfg(**overrides) -> dict:

@@ -25,29 +25,6 @@ from cellmask.data.transforms import (
 
 torch.set_num_threads(1)
 
-OFF = {
-    "hflip": 0,
-    "vflip": 0,
-    "shift_scale_rotate": None,
-    "brightness_contrast": None,
-    "gaussian_blur": None,
-    "median_blur": None,
-}
-
-
-def only(**ops) -> dict:
-    """An augment config with every op off except ``ops``."""
-    return {**OFF, **ops}
-
-
-def tight_boxes(masks: np.ndarray) -> np.ndarray:
-    """Pixel-edge xyxy boxes of a mask stack, computed independently of the code under test."""
-    out = []
-    for m in np.asarray(masks, dtype=bool):
-        ys, xs = np.nonzero(m)
-        out.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    return np.asarray(out, dtype=np.float32).reshape(-1, 4)
-
 
 def test_default_pipeline_is_the_papers():
     train = build_transforms(None, train=True)
@@ -76,14 +53,14 @@ def test_default_pipeline_is_the_papers():
     assert ev.geometric and [type(t).__name__ for t in ev.transforms] == ["Resize"]
 
 
-def test_partial_sections_merge_and_switch_off():
-    p = build_transforms(only(shift_scale_rotate={"p": 1.0, "rotate": 10}), train=True)
+def test_partial_sections_merge_and_switch_off(augment_only):
+    p = build_transforms(augment_only(shift_scale_rotate={"p": 1.0, "rotate": 10}), train=True)
     (affine,) = p.transforms  # p == 1: no RandomApply wrapper
     assert isinstance(affine, v2.RandomAffine) and list(affine.degrees) == [-10.0, 10.0]
     assert tuple(affine.translate) == (0.0625, 0.0625)  # default kept
-    photometric = build_transforms(only(brightness_contrast={"p": 1}, median_blur={"p": 0.3}), True)
+    photometric = build_transforms(augment_only(brightness_contrast={"p": 1}, median_blur={"p": 0.3}), True)
     assert not photometric.geometric and len(photometric.transforms) == 2
-    assert not build_transforms(only(gaussian_blur={"p": 0}), True).geometric
+    assert not build_transforms(augment_only(gaussian_blur={"p": 0}), True).geometric
 
 
 @pytest.mark.parametrize(
@@ -150,7 +127,7 @@ def _rect_masks(rects, height=24, width=32):
         max_size=12,
     )
 )
-def test_layers_roundtrip(rects):
+def test_layers_roundtrip(tight_boxes, rects):
     masks = _rect_masks(rects)
     layers = masks_to_layers(masks)
     assert layers.dtype == np.int32 and layers.ndim == 3 and layers.shape[1:] == (24, 32)
@@ -170,11 +147,11 @@ def test_duplicated_masks_go_to_separate_layers():
     np.testing.assert_array_equal(layers_to_masks(layers, 3).numpy(), masks)
 
 
-def test_apply_transforms_flip_and_empty():
+def test_apply_transforms_flip_and_empty(augment_only):
     image = np.arange(24 * 32, dtype=np.uint8).reshape(24, 32)
     masks = _rect_masks([(0, 0, 4, 3), (10, 5, 6, 7)])
     out_image, out_masks, labels, boxes = apply_transforms(
-        build_transforms(only(hflip=1.0), True), image, masks, np.array([2, 3])
+        build_transforms(augment_only(hflip=1.0), True), image, masks, np.array([2, 3])
     )
     assert out_image.shape == (1, 24, 32) and out_image.dtype == torch.uint8
     np.testing.assert_array_equal(out_image[0].numpy(), image[:, ::-1])

@@ -44,6 +44,19 @@ def _xywh(boxes: np.ndarray) -> np.ndarray:
     return out
 
 
+def _box_annotation(ann_id: int, image_id: int, label: Any, box: np.ndarray, **extra: Any) -> dict[str, Any]:
+    """One COCO box annotation (``box`` xywh); ``extra``: e.g. a detection's ``score``."""
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": int(label),
+        "bbox": [float(v) for v in box],
+        "area": float(box[2] * box[3]),
+        **extra,
+        "iscrowd": 0,
+    }
+
+
 def coco_box_ap(
     predictions: Sequence[Mapping[str, Any]],
     targets: Sequence[Any],
@@ -78,31 +91,12 @@ def coco_box_ap(
         images.append({"id": image_id, "height": int(height), "width": int(width)})
         for box, label in zip(_xywh(boxes), labels, strict=True):
             seen.add(int(label))
-            gt_anns.append(
-                {
-                    "id": len(gt_anns) + 1,
-                    "image_id": image_id,
-                    "category_id": int(label),
-                    "bbox": [float(v) for v in box],
-                    "area": float(box[2] * box[3]),
-                    "iscrowd": 0,
-                }
-            )
+            gt_anns.append(_box_annotation(len(gt_anns) + 1, image_id, label, box))
         p_boxes = _as_numpy(pred["boxes"], np.float64, (4,))
         p_scores = _as_numpy(pred["scores"], np.float64)
         p_labels = _as_numpy(pred["labels"], np.int64)
         for box, score, label in zip(_xywh(p_boxes), p_scores, p_labels, strict=True):
-            dt_anns.append(
-                {
-                    "id": len(dt_anns) + 1,
-                    "image_id": image_id,
-                    "category_id": int(label),
-                    "bbox": [float(v) for v in box],
-                    "area": float(box[2] * box[3]),
-                    "score": float(score),
-                    "iscrowd": 0,
-                }
-            )
+            dt_anns.append(_box_annotation(len(dt_anns) + 1, image_id, label, box, score=float(score)))
     if not gt_anns:
         return {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")}
     if not dt_anns:

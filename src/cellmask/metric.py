@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from cellmask import CLASSES
-from cellmask.data.rle import rle_to_runs
+from cellmask.data.rle import rle_to_runs, runs_to_indices
 from cellmask.errors import DataError
 
 __all__ = [
@@ -184,14 +184,6 @@ def _slow_parse(items: list[str], kept: list[int], height: int, width: int) -> R
     return starts, lengths, owner, len(runs)
 
 
-def _runs_to_pixels(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Flat pixel indices covered by runs (int64 ``[sum(lengths)]``), vectorised."""
-    if len(starts) == 0:
-        return np.zeros(0, dtype=np.int64)
-    before = np.cumsum(lengths) - lengths  # pixels of earlier runs
-    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - before, lengths)
-
-
 # ----------------------------------------------------------------------------------------------
 # IoU
 # ----------------------------------------------------------------------------------------------
@@ -285,9 +277,9 @@ def _intersections_by_pixels(truth_runs: Runs, pred_runs: Runs, n_pixels: int) -
     them. Cost grows with the pixels; used when run pairs explode."""
     t_starts, t_lengths, t_owner, _ = truth_runs
     p_starts, p_lengths, p_owner, n_p = pred_runs
-    t_pix = _runs_to_pixels(t_starts, t_lengths)
+    t_pix = runs_to_indices(t_starts, t_lengths)
     t_lab = np.repeat(t_owner, t_lengths)
-    p_pix = _runs_to_pixels(p_starts, p_lengths)
+    p_pix = runs_to_indices(p_starts, p_lengths)
     p_lab = np.repeat(p_owner, p_lengths) + 1  # 0 = no prediction
     label = np.zeros(n_pixels, dtype=np.int32)
     label[p_pix] = p_lab

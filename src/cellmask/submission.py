@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellmask.data.rle import _runs_to_indices, rle_encode, rle_to_runs
+from cellmask.data.rle import rle_encode, rle_to_runs, runs_to_indices
 from cellmask.errors import DataError
 
 __all__ = [
@@ -316,7 +316,7 @@ def _check_image_rows(
     if len(runs) < 2:
         return
     # Every claimed pixel once per instance; a pixel seen twice is an overlap.
-    pixels = np.concatenate([_runs_to_indices(s, n) for s, n in runs])
+    pixels = np.concatenate([runs_to_indices(s, n) for s, n in runs])
     owners = np.repeat(np.array(lines, dtype=np.int64), [int(n.sum()) for _, n in runs])
     counts = np.bincount(pixels)
     shared = counts > 1

@@ -65,8 +65,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.ops import roi_align
 
-from cellmask.data.datasets import instance_indices
-from cellmask.data.images import read_image
+from cellmask.data.datasets import ImageSource, instance_indices
 from cellmask.data.records import ImageRecord
 
 __all__ = [
@@ -259,14 +258,7 @@ def crop_masks(
         canvas[gi[inside], 0, py[inside], px[inside]] = 1.0
         local = boxes[group] - torch.stack([wx0, wy0, wx0, wy0], 1)[group].float()
         rois = torch.cat([torch.arange(len(group), dtype=torch.float32)[:, None], local], 1)
-        out[group] = roi_align(
-            canvas,
-            rois,
-            output_size=(size, size),
-            spatial_scale=1.0,
-            sampling_ratio=sampling_ratio,
-            aligned=True,
-        )
+        out[group] = crop_rois(canvas, rois, size, sampling_ratio)
     return out
 
 
@@ -384,8 +376,11 @@ def tight_boxes(pixels: Sequence[Pixels]) -> torch.Tensor:
     return out
 
 
-class CropDataset(Dataset):
+class CropDataset(ImageSource, Dataset):
     """Per-image batches of instance crops and their mask targets (see the module docstring).
+
+    Images are read (and cached) by :class:`cellmask.data.datasets.ImageSource`: ``records``,
+    ``read(index)`` and ``len()`` come from it.
 
     Args:
         records: annotated records (competition RLE or LIVECell polygons).
@@ -410,26 +405,11 @@ class CropDataset(Dataset):
         train: bool = True,
         image_cache: bool = False,
     ) -> None:
-        self.records = list(records)
+        super().__init__(records, image_cache)
         self.cfg = crop_config(crops_cfg)
         self.size = int(size)
         self.sampling_ratio = int(sampling_ratio)
         self.train = train
-        self.image_cache = image_cache
-        self._cache: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def read(self, index: int) -> np.ndarray:
-        """The uint8 ``[H, W]`` image of record ``index``."""
-        if index in self._cache:
-            return self._cache[index]
-        record = self.records[index]
-        image = read_image(record.path, (record.height, record.width))
-        if self.image_cache:
-            self._cache[index] = image
-        return image
 
     def select(self, record: ImageRecord) -> tuple[list[int], list[Pixels]]:
         """The instances of this item (random subset when training) and their pixels."""

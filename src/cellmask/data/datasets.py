@@ -31,11 +31,11 @@ from torchvision import tv_tensors
 
 from cellmask.data.images import read_image
 from cellmask.data.records import ImageRecord
-from cellmask.data.rle import rle_to_runs
+from cellmask.data.rle import rle_to_runs, runs_to_indices
 from cellmask.data.transforms import layers_from_indices, layers_to_boxes, layers_to_masks
 from cellmask.errors import DataError
 
-__all__ = ["DetectionDataset", "UnlabeledDataset", "collate", "image_to_tensor"]
+__all__ = ["DetectionDataset", "ImageSource", "UnlabeledDataset", "collate", "image_to_tensor"]
 
 LabelsFrom = str | Mapping[int, int]
 
@@ -60,8 +60,12 @@ def image_to_tensor(image: torch.Tensor) -> torch.Tensor:
     return image.contiguous()
 
 
-class _ImageSource:
-    """Reads (and optionally caches) the uint8 ``[H, W]`` image of each record."""
+class ImageSource:
+    """Reads (and optionally caches) the uint8 ``[H, W]`` image of each record.
+
+    The datasets here and :class:`cellmask.data.crops.CropDataset` read their images through it.
+    The cache is per process: each DataLoader worker has its own.
+    """
 
     def __init__(self, records: Sequence[ImageRecord], image_cache: bool) -> None:
         self.records = list(records)
@@ -72,6 +76,7 @@ class _ImageSource:
         return len(self.records)
 
     def read(self, index: int) -> np.ndarray:
+        """The uint8 ``[H, W]`` image of record ``index``."""
         if index in self._cache:
             return self._cache[index]
         record = self.records[index]
@@ -84,11 +89,7 @@ class _ImageSource:
 def instance_indices(record: ImageRecord, i: int) -> np.ndarray:
     """Flat row-major pixel indices of instance ``i`` (RLE: straight from the runs)."""
     if record.seg_format == "rle":
-        starts, lengths = rle_to_runs(record.segmentations[i], record.height, record.width)
-        if len(starts) == 0:
-            return np.zeros(0, dtype=np.int64)
-        offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-        return np.arange(int(lengths.sum()), dtype=np.int64) + offsets
+        return runs_to_indices(*rle_to_runs(record.segmentations[i], record.height, record.width))
     return np.flatnonzero(record.mask(i))
 
 
@@ -131,7 +132,7 @@ class DetectionDataset(Dataset):
     ) -> None:
         if isinstance(labels_from, str) and labels_from not in ("record", "agnostic"):
             raise ValueError(f"labels_from must be 'record', 'agnostic' or a mapping, got {labels_from!r}")
-        self.source = _ImageSource(records, image_cache)
+        self.source = ImageSource(records, image_cache)
         self.transforms = transforms
         self.with_masks = with_masks
         self.labels_from = labels_from
@@ -234,7 +235,7 @@ class UnlabeledDataset(Dataset):
     def __init__(
         self, records: Sequence[ImageRecord], transforms: Callable | None = None, image_cache: bool = False
     ) -> None:
-        self.source = _ImageSource(records, image_cache)
+        self.source = ImageSource(records, image_cache)
         self.transforms = transforms
 
     @property

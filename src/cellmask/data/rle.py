@@ -29,6 +29,7 @@ __all__ = [
     "rles_to_label_image",
     "rles_to_masks",
     "runs_box",
+    "runs_to_indices",
     "runs_to_rle",
 ]
 
@@ -216,13 +217,17 @@ def rles_to_label_image(rles: Sequence[str], height: int, width: int) -> np.ndar
     for i, rle in enumerate(rles):
         starts, lengths = rle_to_runs(rle, height, width)
         if len(starts):
-            idx = _runs_to_indices(starts, lengths)
-            flat[idx] = i + 1
+            flat[runs_to_indices(starts, lengths)] = i + 1
     return flat.reshape(height, width)
 
 
-def _runs_to_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Flat pixel indices covered by runs, vectorised (int64 ``[sum(lengths)]``)."""
-    total = int(lengths.sum())
-    offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    return np.arange(total, dtype=np.int64) + offsets
+def runs_to_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat pixel indices covered by runs (0-indexed ``starts``, ``lengths``), vectorised.
+
+    Returns:
+        int64 ``[sum(lengths)]``, in run order (sorted for validated runs); empty for no runs.
+    """
+    if len(starts) == 0:
+        return np.zeros(0, dtype=np.int64)
+    before = np.cumsum(lengths) - lengths  # pixels of earlier runs
+    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - before, lengths)

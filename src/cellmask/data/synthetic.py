@@ -43,6 +43,7 @@ import cv2
 import numpy as np
 
 from cellmask.data.rle import mask_to_runs, runs_to_rle
+from cellmask.data.sartorius import TRAIN_COLUMNS
 from cellmask.errors import DataError
 
 __all__ = [
@@ -60,17 +61,6 @@ __all__ = [
     "write_dataset",
 ]
 
-TRAIN_COLUMNS = (
-    "id",
-    "annotation",
-    "width",
-    "height",
-    "cell_type",
-    "plate_time",
-    "sample_date",
-    "sample_id",
-    "elapsed_timedelta",
-)
 COMPETITION_TYPES: tuple[str, ...] = ("shsy5y", "cort", "astro")
 LIVECELL_TYPES: tuple[str, ...] = ("A172", "BT474", "BV2", "Huh7", "MCF7", "SHSY5Y", "SkBr3", "SKOV3")
 _REF_AREA = 520 * 704  # counts in CellStyle are per image of the competition's size

@@ -11,7 +11,9 @@ Everything here is built from torchvision parts: :class:`GeneralizedRCNN`,
 :class:`GeneralizedRCNNTransform`, the RPN (:class:`RegionProposalNetwork`, :class:`RPNHead`,
 :class:`AnchorGenerator`), :class:`MultiScaleRoIAlign`, ``BoxCoder``, ``Matcher``,
 ``BalancedPositiveNegativeSampler``, :class:`TwoMLPHead`, ``batched_nms``, the Mask R-CNN head
-and predictor, ``maskrcnn_inference`` and the transform's mask pasting.
+and predictor, ``maskrcnn_inference`` and the transform's mask pasting. The RPN, the transform,
+the box RoIAlign and the sections ``anchor``, ``rpn``, ``roi`` and ``transform`` (same keys and
+defaults as Faster R-CNN) come from :mod:`cellmask.models.faster_rcnn`'s shared builders.
 
 Design choices (following mmdetection's ``CascadeRoIHead``, which the paper used):
 
@@ -56,15 +58,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import maskrcnn_inference
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops import boxes as box_ops
+
+# The RPN, transform, RoIAlign and config sections are Faster R-CNN's shared builders
+# (``build_rpn`` / ``build_transform`` re-exported here).
+from cellmask.models.faster_rcnn import (
+    FPN_LEVELS,
+    build_box_roi_pool,
+    build_model_backbone,
+    build_rpn,
+    build_transform,
+    section,
+)
 
 __all__ = [
     "DEFAULT_CASCADE",
@@ -82,39 +92,6 @@ DEFAULT_CASCADE: dict[str, Any] = {
     "bbox_reg_weights": [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0], [30.0, 30.0, 15.0, 15.0]],
     "stage_loss_weights": [1.0, 0.5, 0.25],
 }
-_DEFAULT_ROI: dict[str, Any] = {
-    "detections_per_img": 1000,
-    "score_thresh": 0.05,
-    "nms_thresh": 0.5,
-    "batch_size_per_image": 512,
-    "positive_fraction": 0.25,
-    "representation_size": 1024,
-    "pool_size": 7,
-    "sampling_ratio": 2,
-}
-_DEFAULT_RPN: dict[str, Any] = {
-    "pre_nms_top_n_train": 2000,
-    "pre_nms_top_n_test": 1000,
-    "post_nms_top_n_train": 2000,
-    "post_nms_top_n_test": 1000,
-    "nms_thresh": 0.7,
-    "fg_iou_thresh": 0.7,
-    "bg_iou_thresh": 0.3,
-    "batch_size_per_image": 256,
-    "positive_fraction": 0.5,
-    "score_thresh": 0.0,
-}
-_DEFAULT_ANCHOR: dict[str, Any] = {
-    "sizes": [[8], [16], [32], [64], [128]],
-    "aspect_ratios": [0.25, 0.5, 1.0, 2.0, 4.0],
-}
-_DEFAULT_TRANSFORM: dict[str, Any] = {
-    "min_size": 520,
-    "max_size": 704,
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-    "size_divisible": 32,
-}
 _DEFAULT_MASK: dict[str, Any] = {
     "enabled": False,
     "pool_size": 14,
@@ -124,14 +101,6 @@ _DEFAULT_MASK: dict[str, Any] = {
     "dim_reduced": 256,
     "loss_weight": 1.0,
 }
-_FEATMAP_NAMES = ["0", "1", "2", "3"]
-
-
-def _section(model_cfg: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """``defaults`` updated with ``model_cfg[name]`` (absent or ``None`` -> the defaults)."""
-    out = dict(defaults)
-    out.update(model_cfg.get(name) or {})
-    return out
 
 
 class CascadeBoxPredictor(nn.Module):
@@ -501,74 +470,28 @@ class CascadeRCNN(GeneralizedRCNN):
         return prefixes
 
 
-def build_transform(model_cfg: Mapping[str, Any]) -> GeneralizedRCNNTransform:
-    """``GeneralizedRCNNTransform`` from cfg ``transform`` (min/max size, mean/std)."""
-    cfg = _section(model_cfg, "transform", _DEFAULT_TRANSFORM)
-    min_size = cfg["min_size"]
-    min_size = tuple(int(s) for s in min_size) if isinstance(min_size, (list, tuple)) else int(min_size)
-    return GeneralizedRCNNTransform(
-        min_size,
-        int(cfg["max_size"]),
-        [float(v) for v in cfg["image_mean"]],
-        [float(v) for v in cfg["image_std"]],
-        size_divisible=int(cfg["size_divisible"]),
-    )
-
-
-def build_rpn(model_cfg: Mapping[str, Any], in_channels: int) -> RegionProposalNetwork:
-    """RPN from cfg ``anchor`` (one size tuple per FPN level, shared ratios) and ``rpn``."""
-    anchor = _section(model_cfg, "anchor", _DEFAULT_ANCHOR)
-    sizes = tuple(tuple(int(s) for s in level) for level in anchor["sizes"])
-    ratios = anchor["aspect_ratios"]
-    if ratios and isinstance(ratios[0], (list, tuple)):
-        aspect_ratios = tuple(tuple(float(r) for r in level) for level in ratios)
-    else:
-        aspect_ratios = (tuple(float(r) for r in ratios),) * len(sizes)
-    generator = AnchorGenerator(sizes, aspect_ratios)
-    cfg = _section(model_cfg, "rpn", _DEFAULT_RPN)
-    return RegionProposalNetwork(
-        generator,
-        RPNHead(in_channels, generator.num_anchors_per_location()[0]),
-        fg_iou_thresh=float(cfg["fg_iou_thresh"]),
-        bg_iou_thresh=float(cfg["bg_iou_thresh"]),
-        batch_size_per_image=int(cfg["batch_size_per_image"]),
-        positive_fraction=float(cfg["positive_fraction"]),
-        pre_nms_top_n={
-            "training": int(cfg["pre_nms_top_n_train"]),
-            "testing": int(cfg["pre_nms_top_n_test"]),
-        },
-        post_nms_top_n={
-            "training": int(cfg["post_nms_top_n_train"]),
-            "testing": int(cfg["post_nms_top_n_test"]),
-        },
-        nms_thresh=float(cfg["nms_thresh"]),
-        score_thresh=float(cfg["score_thresh"]),
-    )
-
-
 def build_cascade_roi_heads(
     model_cfg: Mapping[str, Any], in_channels: int, num_classes: int, with_mask: bool
 ) -> CascadeRoIHeads:
     """:class:`CascadeRoIHeads` from cfg ``roi``, ``cascade`` and ``mask``.
 
-    ``roi.fg_iou_thresh`` / ``roi.bg_iou_thresh`` (Faster R-CNN's single threshold) are not
-    used: each stage matches at its ``cascade.iou_thresholds`` entry.
+    ``roi.fg_iou_thresh`` / ``roi.bg_iou_thresh`` (Faster R-CNN's single threshold) and
+    ``roi.bbox_reg_weights`` are not used: each stage matches at its ``cascade.iou_thresholds``
+    entry and encodes boxes with its ``cascade.bbox_reg_weights`` entry.
     """
-    roi = _section(model_cfg, "roi", _DEFAULT_ROI)
-    cascade = _section(model_cfg, "cascade", DEFAULT_CASCADE)
-    pool = int(roi["pool_size"])
-    box_roi_pool = MultiScaleRoIAlign(
-        _FEATMAP_NAMES, output_size=pool, sampling_ratio=int(roi["sampling_ratio"])
-    )
+    roi = section(model_cfg, "roi")
+    cascade = section(model_cfg, "cascade", DEFAULT_CASCADE)
+    box_roi_pool = build_box_roi_pool(model_cfg)
+    pool = box_roi_pool.output_size[0]
     rep = int(roi["representation_size"])
     n = len(cascade["iou_thresholds"])
     mask_kwargs: dict[str, Any] = {}
     if with_mask:
-        mask = _section(model_cfg, "mask", _DEFAULT_MASK)
+        mask = section(model_cfg, "mask", _DEFAULT_MASK)
         layers = tuple(int(c) for c in mask["layers"])
         mask_kwargs = {
             "mask_roi_pool": MultiScaleRoIAlign(
-                _FEATMAP_NAMES, output_size=int(mask["pool_size"]), sampling_ratio=int(mask["sampling_ratio"])
+                FPN_LEVELS, output_size=int(mask["pool_size"]), sampling_ratio=int(mask["sampling_ratio"])
             ),
             "mask_head": MaskRCNNHeads(in_channels, layers, int(mask["dilation"])),
             "mask_predictor": MaskRCNNPredictor(layers[-1], int(mask["dim_reduced"]), num_classes),
@@ -608,11 +531,7 @@ def build_cascade_rcnn(
     if num_classes < 2:
         raise ValueError(f"num_classes includes background and must be >= 2, got {num_classes}")
     if backbone is None:
-        from cellmask.models.backbones import build_backbone, nominal_input_size
-
-        t = _section(model_cfg, "transform", _DEFAULT_TRANSFORM)
-        image_size = nominal_input_size(t["min_size"], int(t["max_size"]), int(t["size_divisible"]))
-        backbone = build_backbone(model_cfg.get("backbone") or {}, model_cfg.get("fpn") or {}, image_size)
+        backbone = build_model_backbone(model_cfg)
     if not hasattr(backbone, "out_channels"):
         raise ValueError("the backbone needs an `out_channels` attribute (channels of every FPN level)")
     with_mask = model_cfg.get("type") == "cascade_mask_rcnn" or bool(

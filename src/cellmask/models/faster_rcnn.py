@@ -7,12 +7,14 @@ Soft Teacher's Faster R-CNN) build from, so every detector reads ``model.anchor`
 - :func:`build_model_backbone` (body + FPN at the transform's nominal input size),
 - :func:`build_anchor_generator`, :func:`build_rpn_head`, :func:`build_rpn`,
 - :func:`build_transform`,
-- :func:`section` (a config section merged over its defaults).
+- :func:`section` (a config section merged over its defaults),
+- :data:`FPN_LEVELS` (the maps RoIAlign pools from).
 
 Config keys read (defaults in ``DEFAULT_*``; unknown keys warn):
 
 - ``anchor``: ``sizes`` (one list per FPN level P2..P6, default ``[[8], [16], [32], [64], [128]]``),
-  ``aspect_ratios`` (h/w, default ``[0.25, 0.5, 1, 2, 4]``, same for every level);
+  ``aspect_ratios`` (h/w, default ``[0.25, 0.5, 1, 2, 4]``, same for every level; or one list
+  per level);
 - ``rpn``: ``pre_nms_top_n_{train,test}`` (per level, 2000/1000), ``post_nms_top_n_{train,test}``
   (2000/1000), ``nms_thresh`` 0.7, ``fg_iou_thresh`` 0.7, ``bg_iou_thresh`` 0.3,
   ``batch_size_per_image`` 256, ``positive_fraction`` 0.5, ``score_thresh`` 0.0;
@@ -27,6 +29,7 @@ Config keys read (defaults in ``DEFAULT_*``; unknown keys warn):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -98,12 +101,17 @@ DEFAULT_TRANSFORM: dict[str, Any] = {
 _DEFAULTS = {"anchor": DEFAULT_ANCHOR, "rpn": DEFAULT_RPN, "roi": DEFAULT_ROI, "transform": DEFAULT_TRANSFORM}
 
 
-def section(model_cfg: dict[str, Any], name: str) -> dict[str, Any]:
-    """``model_cfg[name]`` merged over its defaults (``anchor``, ``rpn``, ``roi``, ``transform``).
+def section(
+    model_cfg: Mapping[str, Any], name: str, defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """``model_cfg[name]`` merged over its defaults (absent or ``None``: the defaults).
 
-    Keys the defaults do not know are kept but warned about (a typo would otherwise be ignored).
+    ``defaults`` defaults to the shared ones of ``anchor``, ``rpn``, ``roi`` and ``transform``;
+    a detector passes its own for its other sections (e.g. Cascade R-CNN's ``cascade``). Keys the
+    defaults do not know are kept but warned about (a typo would otherwise be ignored).
     """
-    defaults = _DEFAULTS[name]
+    if defaults is None:
+        defaults = _DEFAULTS[name]
     given = model_cfg.get(name) or {}
     unknown = sorted(set(given) - set(defaults))
     if unknown:
@@ -120,7 +128,7 @@ def _min_size(value: Any) -> int | tuple[int, ...]:
     return int(value)
 
 
-def build_model_backbone(model_cfg: dict[str, Any]) -> BackboneWithFPN:
+def build_model_backbone(model_cfg: Mapping[str, Any]) -> BackboneWithFPN:
     """Body + FPN of ``model_cfg``, sized for the nominal input of its transform (see backbones)."""
     if "backbone" not in model_cfg:
         raise ValueError("model config needs a 'backbone' section ({name, pretrained, kwargs})")
@@ -129,8 +137,9 @@ def build_model_backbone(model_cfg: dict[str, Any]) -> BackboneWithFPN:
     return build_backbone(model_cfg["backbone"], model_cfg.get("fpn"), image_size)
 
 
-def build_anchor_generator(model_cfg: dict[str, Any], num_levels: int = 5) -> AnchorGenerator:
-    """One ``AnchorGenerator`` for the FPN levels: ``sizes[i]`` px at level i, every ratio at each."""
+def build_anchor_generator(model_cfg: Mapping[str, Any], num_levels: int = 5) -> AnchorGenerator:
+    """One ``AnchorGenerator`` for the FPN levels: ``sizes[i]`` px at level i, every ratio at each
+    (or ``aspect_ratios[i]`` at level i, given one list per level)."""
     a = section(model_cfg, "anchor")
     sizes = tuple(
         tuple(float(s) for s in (level if isinstance(level, (list, tuple)) else [level]))
@@ -142,8 +151,12 @@ def build_anchor_generator(model_cfg: dict[str, Any], num_levels: int = 5) -> An
         raise ValueError(
             "model.anchor.sizes: every level needs the same number of sizes (one RPN head for all)"
         )
-    ratios = tuple(float(r) for r in a["aspect_ratios"])
-    return AnchorGenerator(sizes=sizes, aspect_ratios=(ratios,) * len(sizes))
+    ratios = a["aspect_ratios"]
+    if ratios and isinstance(ratios[0], (list, tuple)):
+        aspect_ratios = tuple(tuple(float(r) for r in level) for level in ratios)
+    else:
+        aspect_ratios = (tuple(float(r) for r in ratios),) * len(sizes)
+    return AnchorGenerator(sizes=sizes, aspect_ratios=aspect_ratios)
 
 
 def build_rpn_head(in_channels: int, anchor_generator: AnchorGenerator) -> RPNHead:
@@ -151,7 +164,7 @@ def build_rpn_head(in_channels: int, anchor_generator: AnchorGenerator) -> RPNHe
     return RPNHead(in_channels, anchor_generator.num_anchors_per_location()[0])
 
 
-def _rpn_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
+def _rpn_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     r = section(model_cfg, "rpn")
     return {
         "pre_nms_top_n": {"training": int(r["pre_nms_top_n_train"]), "testing": int(r["pre_nms_top_n_test"])},
@@ -168,13 +181,13 @@ def _rpn_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_rpn(model_cfg: dict[str, Any], in_channels: int) -> RegionProposalNetwork:
+def build_rpn(model_cfg: Mapping[str, Any], in_channels: int) -> RegionProposalNetwork:
     """The RPN of ``model_cfg`` (anchors + head + proposal settings) for FPN maps of ``in_channels``."""
     anchors = build_anchor_generator(model_cfg)
     return RegionProposalNetwork(anchors, build_rpn_head(in_channels, anchors), **_rpn_kwargs(model_cfg))
 
 
-def build_transform(model_cfg: dict[str, Any]) -> GeneralizedRCNNTransform:
+def build_transform(model_cfg: Mapping[str, Any]) -> GeneralizedRCNNTransform:
     """Normalise (config mean/std), resize (min/max size) and batch-pad (to ``size_divisible``)."""
     t = section(model_cfg, "transform")
     return GeneralizedRCNNTransform(
@@ -186,7 +199,7 @@ def build_transform(model_cfg: dict[str, Any]) -> GeneralizedRCNNTransform:
     )
 
 
-def build_box_roi_pool(model_cfg: dict[str, Any]) -> MultiScaleRoIAlign:
+def build_box_roi_pool(model_cfg: Mapping[str, Any]) -> MultiScaleRoIAlign:
     """``MultiScaleRoIAlign`` over P2..P5 (7x7, sampling ratio 2 by default)."""
     r = section(model_cfg, "roi")
     return MultiScaleRoIAlign(FPN_LEVELS, int(r["output_size"]), int(r["sampling_ratio"]))
