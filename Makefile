@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cellmask-installed
 DATA   ?= data/synthetic
 
-.PHONY: setup test lint format bench synth clean
+.PHONY: setup demo test lint format bench synth clean
 
 setup: $(STAMP)
 
@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# The whole pipeline on a CPU in minutes: synthetic data -> train -> predict -> score -> submission.
+demo: setup
+	$(BIN)/cellmask demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -598,3 +598,10 @@ def test_plot_per_threshold(real_truth):
     ax = plot_per_threshold(report)
     assert len(ax.lines) == 1
     np.testing.assert_allclose(ax.lines[0].get_ydata(), 1.0)
+
+
+def test_truth_and_predictions_that_touch_nowhere_score_zero():
+    """Both sides present, no pair overlapping: every truth is a FN, every prediction a FP."""
+    report = score_submission({"a": TruthImage(10, 10, "cort", ["1 5", "21 3"])}, {"a": ["51 5", "81 2"]})
+    assert report.score == 0.0
+    assert report.per_class["cort"] == 0.0

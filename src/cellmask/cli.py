@@ -47,6 +47,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     add_train_arguments(p)
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    from cellmask.demo import add_demo_arguments
+
+    add_demo_arguments(p)
+
+
 COMMANDS: dict[str, tuple[str, str, _Builder]] = {
     "synth": (
         "cellmask.data.synthetic:cli_synth",
@@ -67,6 +73,11 @@ COMMANDS: dict[str, tuple[str, str, _Builder]] = {
         "cellmask.train:cli_train",
         "train a model (LIVECell pretraining or competition fine-tuning)",
         _train_args,
+    ),
+    "demo": (
+        "cellmask.demo:cli_demo",
+        "the whole pipeline on synthetic data on a CPU: train, predict, score, submission",
+        _demo_args,
     ),
 }
 

@@ -239,11 +239,14 @@ def iou_from_runs(truth_runs: Runs, pred_runs: Runs, height: int, width: int) ->
 
 def _sum_by_pair(pair: np.ndarray, amount: np.ndarray, n_p: int) -> tuple[np.ndarray, ...]:
     """Sum ``amount`` over equal ``pair = ti * n_p + pj`` keys: ``(ti, pj, total)`` int64."""
+    if len(pair) == 0:  # no truth overlaps any prediction
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, amount[:0]
     order = np.argsort(pair, kind="stable")
     pair, amount = pair[order], amount[order]
     first = np.flatnonzero(np.concatenate([[True], pair[1:] != pair[:-1]]))
     keys = pair[first]
-    return keys // n_p, keys % n_p, np.add.reduceat(amount, first) if len(first) else amount[:0]
+    return keys // n_p, keys % n_p, np.add.reduceat(amount, first)
 
 
 def _intersections_by_runs(

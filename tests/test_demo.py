@@ -1,0 +1,238 @@
+"""The inference pipeline (cellmask.predict) and `cellmask demo` end to end on a tiny dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellmask import CLASS_TO_LABEL
+from cellmask.config import load_config
+from cellmask.models import build_detector
+from cellmask.models.segmenter import build_segmenter
+from cellmask.predict import (
+    detect,
+    image_class,
+    load_detector,
+    load_segmenter,
+    predict_config,
+    predict_image,
+    predict_records,
+    segment_detections,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------------------ pieces
+
+
+def test_image_class_majority_vote():
+    # two confident cort, one confident astro, many weak shsy5y: the confident ones vote
+    labels = [2, 2, 3, 1, 1, 1, 1, 1]
+    scores = [0.9, 0.8, 0.95, 0.1, 0.2, 0.1, 0.1, 0.1]
+    assert image_class(labels, scores) == 2
+    # everybody votes with a zero voting score: the weak shsy5y sum to 0.6 < 1.7 of cort
+    assert image_class(labels, scores, min_score=0.0) == 2
+    assert image_class([1] * 5 + [2], [0.4] * 5 + [0.9], min_score=0.0) == 1  # 2.0 > 0.9
+    # nobody reaches the voting score: everybody votes
+    assert image_class([1, 1, 3], [0.2, 0.2, 0.3], min_score=0.99) == 1
+    # the summed score decides, not the count: one strong astro beats two weak cort
+    assert image_class([3, 2, 2], [0.95, 0.3, 0.3]) == 3
+    # equal sums: more votes win; full tie: the lower label
+    assert image_class([3, 1, 1], [0.8, 0.4, 0.4]) == 1
+    assert image_class([3, 1], [0.7, 0.7]) == 1
+    assert image_class(torch.tensor([3]), torch.tensor([0.1])) == 3
+    assert image_class([], []) is None
+    with pytest.raises(ValueError, match="shape"):
+        image_class([1, 2], [0.5])
+
+
+def test_predict_config_rejects_unknown_keys():
+    assert predict_config(None)["score_thresholds"]["cort"] == 0.55
+    assert predict_config({"predict": {"min_area": 0}})["min_area"] == 0
+    with pytest.raises(ValueError, match="score_treshold"):
+        predict_config({"score_treshold": 0.3})
+
+
+class _FixedDetector(torch.nn.Module):
+    """Returns the same detections for any image (eval-mode convention of the detectors)."""
+
+    def __init__(self, boxes, scores, labels) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.out = {
+            "boxes": torch.tensor(boxes, dtype=torch.float32),
+            "scores": torch.tensor(scores, dtype=torch.float32),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+        }
+
+    def forward(self, images, targets=None):
+        return [dict(self.out) for _ in images]
+
+
+class _BoxSegmenter(torch.nn.Module):
+    """A segmenter that fills every box (probability 1 inside the crop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def predict(self, image, boxes, batch_size=None, threshold=None, dense=True, amp=False):
+        from cellmask.models.segmenter import paste_masks
+
+        probs = torch.ones((len(boxes), 1, 8, 8))
+        return paste_masks(
+            probs, boxes, tuple(image.shape[-2:]), 0.5 if threshold is None else threshold, dense
+        )
+
+
+def test_predict_image_masks_are_disjoint_and_one_class():
+    image = np.full((64, 80), 128, dtype=np.uint8)
+    boxes = [[10, 10, 30, 30], [20, 20, 40, 40], [50, 5, 70, 25], [0, 40, 12, 60], [60, 40, 62, 42]]
+    scores = [0.9, 0.8, 0.7, 0.3, 0.9]
+    labels = [2, 2, 3, 2, 2]  # cort by vote; the astro box becomes cort
+    detector, segmenter = _FixedDetector(boxes, scores, labels), _BoxSegmenter()
+    masks, out_scores, out_labels = predict_image(detector, segmenter, image, {"min_area": 50})
+    assert masks.dtype == bool and masks.shape[1:] == image.shape
+    assert masks.sum(0).max() == 1, "predicted masks overlap"
+    assert (out_labels == CLASS_TO_LABEL["cort"]).all()
+    # 0.3 < cort's 0.55 threshold: dropped; the 2x2 box: below min_area 50: dropped
+    assert out_scores.tolist() == pytest.approx([0.9, 0.8, 0.7])
+    assert masks[0].sum() == 400 and masks[1].sum() == 400 - 100  # the lower score gave way
+    assert (np.diff(out_scores) <= 0).all()  # descending scores
+
+    # no detection at all: empty result of the right shape
+    empty = _FixedDetector(np.zeros((0, 4)), [], [])
+    masks, out_scores, out_labels = predict_image(empty, segmenter, image)
+    assert masks.shape == (0, 64, 80) and len(out_scores) == 0 and len(out_labels) == 0
+
+
+def test_segment_detections_threshold_none_keeps_low_scores():
+    image = np.zeros((32, 32), dtype=np.uint8)
+    boxes = torch.tensor([[2.0, 2.0, 14.0, 14.0], [16.0, 16.0, 30.0, 30.0]])
+    masks, _scores, labels = segment_detections(
+        _BoxSegmenter(),
+        image,
+        boxes,
+        torch.tensor([0.05, 0.01]),
+        torch.tensor([1, 1]),
+        {"score_thresholds": None, "min_area": 0},
+    )
+    assert len(masks) == 2 and (labels == 1).all()
+
+
+def _save(model, cfg, path: Path) -> Path:
+    torch.save({"model": model.state_dict(), "config": cfg, "epoch": 1}, path)
+    return path
+
+
+def test_checkpoints_round_trip_and_missing_files(tmp_path):
+    det_cfg = load_config(CONFIGS / "faster_rcnn_swin_t.yaml", "smoke")
+    det_cfg["data"] = {"num_classes": 4}
+    seg_cfg = load_config(CONFIGS / "segmenter_upernet_swin_t.yaml", "smoke")
+    torch.manual_seed(0)
+    det = build_detector(det_cfg["model"], num_classes=4)
+    seg = build_segmenter(seg_cfg["model"])
+    det_path = _save(det, det_cfg, tmp_path / "det.pt")
+    seg_path = _save(seg, seg_cfg, tmp_path / "seg.pt")
+
+    loaded, cfg = load_detector(det_path)
+    assert not loaded.training and cfg["model"]["type"] == "faster_rcnn"
+    for key, value in det.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    loaded_seg, _ = load_segmenter(seg_path)
+    image = (np.random.default_rng(0).random((128, 160)) * 255).astype(np.uint8)
+    boxes, scores, labels = detect(loaded, image)
+    assert boxes.shape[1:] == (4,) and len(boxes) == len(scores) == len(labels)
+    masks, _, _ = predict_image(loaded, loaded_seg, image, {"score_thresholds": 0.0, "min_area": 0})
+    assert masks.shape[1:] == image.shape
+
+    from cellmask.engine import CheckpointError
+
+    with pytest.raises(CheckpointError, match="segmenter checkpoint"):
+        load_detector(seg_path)
+    with pytest.raises(CheckpointError, match="expected a segmenter"):
+        load_segmenter(det_path)
+    missing = tmp_path / "runs" / "nothing" / "best.pt"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_detector(missing)
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_segmenter(missing)
+
+
+def test_predict_records_gives_rles_per_image(tmp_path):
+    import cv2
+
+    from cellmask.data.rle import rle_decode
+    from cellmask.data.sartorius import list_images
+
+    for name in ("a", "b"):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), np.zeros((48, 64), dtype=np.uint8))
+    records = list_images(tmp_path)
+    detector = _FixedDetector([[4, 4, 24, 24], [30, 10, 50, 40]], [0.9, 0.6], [3, 3])
+    detections = {}
+    out = predict_records(detector, _BoxSegmenter(), records, progress=False, detections=detections)
+    assert list(out) == ["a", "b"] and set(detections) == {"a", "b"}
+    assert len(out["a"]) == 2
+    masks = np.stack([rle_decode(r, 48, 64) for r in out["a"]])
+    assert masks.sum(0).max() == 1 and masks[0].sum() == 400
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    from cellmask.cli import main
+    from cellmask.demo import SUMMARY_KEYS
+    from cellmask.submission import check_submission
+
+    out, data, sub = tmp_path / "runs", tmp_path / "data", tmp_path / "submission.csv"
+    argv = ["demo", "--profile", "smoke", "--quick", "--out", str(out), "--data", str(data)]
+    status = main([*argv, "--submission", str(sub)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "cellmask demo summary" in printed and "val competition score" in printed
+
+    assert check_submission(sub, data / "test") == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(summary)
+    assert summary["submission_ok"] is True
+    assert 0.0 <= summary["score"] <= 1.0
+    assert set(summary["score_per_class"]) >= {"shsy5y", "cort", "astro"}
+    assert len(summary["score_per_threshold"]) == 10
+    score = json.loads((out / "score.json").read_text())
+    assert {"score", "per_class", "per_threshold", "n_images"} <= set(score)
+    assert score["n_images"] == summary["n_val"] > 0
+    for name in ("overlay_val.png", "score_per_threshold.png", "val_submission.csv", "val_truth.csv"):
+        assert (out / name).is_file(), name
+    assert (out / "overlay_val.png").stat().st_size > 1000
+
+    # one epoch leaves every score under the paper's thresholds; with none, the trained
+    # checkpoints give many instances per test image, and their submission is still valid
+    from cellmask.data.sartorius import list_images
+    from cellmask.submission import write_submission
+
+    detector, _ = load_detector(out / "detector" / "best.pt")
+    segmenter, _ = load_segmenter(out / "segmenter" / "best.pt")
+    tests = list_images(data / "test")
+    pred = predict_records(
+        detector, segmenter, tests, {"score_thresholds": 0.0, "min_area": 4}, progress=False
+    )
+    assert sum(len(v) for v in pred.values()) > 0
+    dense = tmp_path / "dense.csv"
+    write_submission(dense, pred, image_ids=[r.image_id for r in tests])
+    assert check_submission(dense, data / "test") == []
+
+    # inference only, from the checkpoints just written; then without them: a clear error
+    assert main([*argv, "--submission", str(sub), "--skip-train", "--no-synth"]) == 0
+    (out / "segmenter" / "best.pt").unlink()
+    assert main([*argv, "--submission", str(sub), "--skip-train", "--no-synth"]) == 2
+    err = capsys.readouterr().err
+    assert "best.pt" in err and "no such checkpoint" in err
