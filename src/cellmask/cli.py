@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -111,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     if args.command in _NO_BLAS_COMMANDS:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    if not logging.getLogger().handlers:  # progress lines of train/demo; a caller's own config wins
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
     module_name, func_name = args._target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     try:

@@ -452,10 +452,6 @@ def _print_summary(summary: Mapping[str, Any], report: Any) -> None:
 
 def cli_demo(args: argparse.Namespace) -> int:
     """Handler of ``cellmask demo``; returns 0, or 1 when the test submission is invalid."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-        )
     summary = run_demo(
         out=args.out,
         data=args.data,

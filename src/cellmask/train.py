@@ -77,10 +77,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def cli_train(args: argparse.Namespace) -> int:
     """Handler of ``cellmask train``; returns the exit status."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-        )
     cfg = load_config(args.config, profile=args.profile, overrides=list(args.overrides) or None)
     result = run_training(
         cfg,
