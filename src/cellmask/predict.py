@@ -33,13 +33,18 @@ import numpy as np
 import torch
 
 from cellmask import CLASSES
-from cellmask.postprocess import DEFAULT_MIN_AREA, DEFAULT_SCORE_THRESHOLDS, postprocess_instances
+from cellmask.data.datasets import image_to_tensor
+from cellmask.postprocess import (
+    DEFAULT_MIN_AREA,
+    DEFAULT_SCORE_THRESHOLDS,
+    filter_by_score,
+    postprocess_instances,
+)
 
 __all__ = [
     "PREDICT_DEFAULTS",
     "detect",
     "image_class",
-    "image_tensor",
     "load_detector",
     "load_segmenter",
     "predict_config",
@@ -166,17 +171,6 @@ def _device_of(model: torch.nn.Module, device: str | torch.device | None) -> tor
     return param.device if param is not None else torch.device("cpu")
 
 
-def image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 ``[H, W]`` (or float ``[H, W]`` / ``[C, H, W]`` in 0..1) -> float32 ``[3, H, W]`` in 0..1."""
-    t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
-    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
-    if t.ndim == 2:
-        t = t[None]
-    if t.ndim != 3 or t.shape[0] not in (1, 3):
-        raise ValueError(f"image must be [H, W], [1, H, W] or [3, H, W], got {tuple(t.shape)}")
-    return t.expand(3, -1, -1).contiguous()
-
-
 @torch.no_grad()
 def detect(
     model: torch.nn.Module, image: np.ndarray | torch.Tensor, device: str | torch.device | None = None
@@ -196,7 +190,7 @@ def detect(
     was_training = model.training
     model.eval()
     try:
-        out = model([image_tensor(image).to(device)])[0]
+        out = model([image_to_tensor(image).to(device)])[0]
     finally:
         model.train(was_training)
     return (
@@ -260,7 +254,7 @@ def segment(
     device = _device_of(segmenter, device)
     boxes = torch.as_tensor(np.asarray(boxes) if not isinstance(boxes, torch.Tensor) else boxes)
     masks, conf = segmenter.predict(
-        image_tensor(image).to(device),
+        image_to_tensor(image).to(device),
         boxes.float().reshape(-1, 4).to(device),
         batch_size=batch_size,
         threshold=threshold,
@@ -290,7 +284,7 @@ def segment_detections(
         masks in descending score order, every label the image's voted class.
     """
     opts = predict_config(cfg)
-    height, width = image_tensor(image).shape[-2:]
+    height, width = image.shape[-2:]
     empty = (
         np.zeros((0, height, width), dtype=bool),
         np.zeros(0, dtype=np.float32),
@@ -303,11 +297,7 @@ def segment_detections(
     labels_np = np.full(len(scores_np), label, dtype=np.int64)
     thresholds = opts["score_thresholds"]
     if thresholds is not None:  # threshold before segmenting: no mask for boxes that would go
-        if isinstance(thresholds, Mapping):
-            thr = float(thresholds.get(CLASSES[label - 1], -np.inf))
-        else:
-            thr = float(thresholds)
-        keep = np.flatnonzero(scores_np >= thr)
+        keep = np.flatnonzero(filter_by_score(scores_np, labels_np, thresholds))
     else:
         keep = np.arange(len(scores_np))
     if keep.size == 0:

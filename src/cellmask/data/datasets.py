@@ -46,11 +46,18 @@ def collate(batch: Sequence[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
     return list(images), list(targets)
 
 
-def image_to_tensor(image: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[1, H, W]`` (or ``[H, W]``) -> plain float32 ``[3, H, W]`` in ``0..1``."""
-    image = image.as_subclass(torch.Tensor)
+def image_to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The model input: uint8 ``[H, W]`` / ``[1, H, W]`` (or float in ``0..1``, or ``[3, H, W]``)
+    -> plain float32 ``[3, H, W]`` in ``0..1``, gray repeated. Training and inference both use it.
+
+    Raises:
+        ValueError: any other shape.
+    """
+    image = torch.as_tensor(image).as_subclass(torch.Tensor)
     if image.ndim == 2:
         image = image[None]
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"image must be [H, W], [1, H, W] or [3, H, W], got {tuple(image.shape)}")
     if image.dtype == torch.uint8:
         image = image.to(torch.float32).div_(255.0)
     else:
