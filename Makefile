@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cellmask-installed
 DATA   ?= data/synthetic
 
-.PHONY: setup demo test lint format bench synth clean
+.PHONY: setup demo test lint format bench synth clean \
+	notebooks-clean wheels weights code-dataset push-datasets push push-train pull-runs submit
 
 setup: $(STAMP)
 
@@ -37,3 +38,51 @@ synth: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info
+
+# ---------------------------------------------------------------------------------------------
+# Kaggle (README: "On Kaggle"). The work is in src/cellmask/kaggle (python -m cellmask.kaggle).
+# DRY_RUN=1 prints every kaggle command with its real arguments instead of running it.
+# The Kaggle user comes from KAGGLE_USERNAME or ~/.kaggle/kaggle.json, never from this repo.
+KAGGLE := $(BIN)/python -m cellmask.kaggle $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
+RUNS_FROM ?= runs/sartorius
+
+# Strip outputs, execution counts and metadata from notebooks/*.ipynb (the tests require it).
+notebooks-clean: setup
+	$(KAGGLE) notebooks-clean
+
+# datasets/cellmask-wheels: what Kaggle's image lacks (datasets/cellmask-wheels/base_image.json) + our wheel.
+wheels: setup
+	$(KAGGLE) wheels
+
+# datasets/cellmask-weights: best.pt + config.yaml of each run, the segmenter, the tuned predict config.
+# Default: every run under $(RUNS_FROM); or RUNS="runs/a runs/b" SEGMENTER=runs/seg PREDICT_CONFIG=file.
+weights: setup
+	$(KAGGLE) weights --from $(RUNS_FROM) $(if $(RUNS),--runs $(RUNS)) $(if $(SEGMENTER),--segmenter $(SEGMENTER)) \
+		$(if $(PREDICT_CONFIG),--predict-config $(PREDICT_CONFIG))
+
+# datasets/cellmask-code: configs/, src/, notebooks/ (the kernels read their configs from it).
+code-dataset: setup
+	$(KAGGLE) code-dataset
+
+# kaggle datasets version (create on first use) of the weights, wheels and code datasets
+# (ONLY="cellmask-wheels cellmask-code": just those).
+push-datasets: setup
+	$(KAGGLE) push-datasets $(if $(MSG),--message "$(MSG)") $(if $(ONLY),--only $(ONLY))
+
+# kaggle kernels push of the offline inference kernel (kernel-metadata.json, notebooks/07_inference.ipynb).
+push: setup
+	$(KAGGLE) push
+
+# A training notebook as a kernel: make push-train NB=02_finetune_faster_rcnn_swin_t
+# (01_pretrain_livecell: BRANCH=faster_rcnn_swin_t pushes one branch's pretraining).
+push-train: setup
+	@test -n "$(NB)" || { echo "usage: make push-train NB=<notebook, e.g. 02_finetune_faster_rcnn_swin_t> [BRANCH=<config>]"; exit 2; }
+	$(KAGGLE) push-train $(NB) $(if $(BRANCH),--branch $(BRANCH))
+
+# Download the training kernels' outputs (02-06) into runs/, for make weights.
+pull-runs: setup
+	$(KAGGLE) pull-runs
+
+# Push 07, wait for its run to complete, submit its submission.csv (VERSION=N: submit that version).
+submit: setup
+	$(KAGGLE) submit $(if $(MSG),--message "$(MSG)") $(if $(VERSION),--version $(VERSION))

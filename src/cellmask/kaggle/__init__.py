@@ -1,0 +1,35 @@
+"""The Kaggle side of cellmask: notebooks, kernels, datasets and submissions.
+
+- :mod:`cellmask.kaggle.notebooks`: committed notebooks stay clean (no outputs, canonical
+  metadata) and take their parameters from one tagged cell (``make notebooks-clean``).
+- :mod:`cellmask.kaggle.session`: what the notebooks call: paths on Kaggle and in a checkout,
+  one training stage, small tables and figures.
+- :mod:`cellmask.kaggle.packaging`: kernel folders, the weights / wheels / code datasets.
+- :mod:`cellmask.kaggle.api`: the ``kaggle`` CLI (user name, credentials, dry runs, polling).
+- ``python -m cellmask.kaggle``: the commands behind ``make wheels``, ``make weights``,
+  ``make push-datasets``, ``make push``, ``make push-train`` and ``make submit``.
+
+Nothing here imports torch at module level, and nothing needs the ``kaggle`` CLI until a
+command really runs it.
+"""
+
+from cellmask.kaggle.api import (
+    COMPETITION,
+    KaggleCommandError,
+    KaggleRunner,
+    KaggleSetupError,
+    kaggle_username,
+)
+from cellmask.kaggle.packaging import DATASET_NAMES, INFERENCE_NOTEBOOK, KernelSpec, kernel_spec
+
+__all__ = [
+    "COMPETITION",
+    "DATASET_NAMES",
+    "INFERENCE_NOTEBOOK",
+    "KaggleCommandError",
+    "KaggleRunner",
+    "KaggleSetupError",
+    "KernelSpec",
+    "kaggle_username",
+    "kernel_spec",
+]

@@ -1,0 +1,241 @@
+"""``python -m cellmask.kaggle COMMAND``: the work behind the Makefile's Kaggle targets.
+
+::
+
+    make notebooks-clean      notebooks-clean notebooks/*.ipynb
+    make wheels               wheels            (pip download what Kaggle's image lacks + our wheel)
+    make weights              weights [--runs RUN ...] [--segmenter RUN] [--predict-config FILE]
+    make code-dataset         code-dataset
+    make push-datasets        push-datasets [--message MSG]
+    make push                 push              (the offline inference kernel)
+    make push-train NB=..     push-train NB [--branch CONFIG]
+    make pull-runs            pull-runs         (the training kernels' outputs into runs/)
+    make submit               submit [--message MSG] [--version N]
+
+``--dry-run`` (``DRY_RUN=1``) prints each ``kaggle`` command with its real arguments instead of
+running it; it needs the user name (``KAGGLE_USERNAME`` or ``kaggle.json``) but neither the CLI
+nor a key. Errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cellmask.errors import DataError
+from cellmask.kaggle import api, packaging, weights, wheels
+from cellmask.kaggle.api import KaggleCommandError, KaggleRunner, KaggleSetupError
+
+
+def default_message(root: Path) -> str:
+    """``cellmask <git describe>`` of the checkout (``cellmask <version>`` outside git)."""
+    proc = subprocess.run(
+        ["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True, text=True
+    )
+    if proc.returncode == 0 and proc.stdout.strip():
+        return f"cellmask {proc.stdout.strip()}"
+    from cellmask import __version__
+
+    return f"cellmask {__version__}"
+
+
+def _user(args: argparse.Namespace) -> str:
+    user = api.kaggle_username()
+    if not args.dry_run:
+        api.check_kaggle_setup()
+    return user
+
+
+def cmd_notebooks_clean(args: argparse.Namespace, runner: KaggleRunner) -> int:
+    from cellmask.kaggle.notebooks import notebook_problems, strip_file
+
+    files = [Path(f) for f in args.files] or sorted((args.root / packaging.NOTEBOOK_DIR).glob("*.ipynb"))
+    if args.check:
+        problems = [p for f in files for p in notebook_problems(f)]
+        print("\n".join(problems) or f"{len(files)} notebooks clean")
+        return 1 if problems else 0
+    changed = [f for f in files if strip_file(f)]
+    print(f"cleaned {len(changed)} of {len(files)} notebooks" + "".join(f"\n  {f}" for f in changed))
+    return 0
+
+
+def cmd_wheels(args: argparse.Namespace, runner: KaggleRunner) -> int:
+    out = Path(args.out or args.root / packaging.DATASETS_DIR / packaging.WHEELS)
+    base = wheels.read_base_image(args.root / packaging.BASE_IMAGE)
+    requirements = wheels.pinned(wheels.missing_distributions(base))
+    print(f"Kaggle's image is assumed to have: {', '.join(sorted(base['provided']))}")
+    print(
+        f"downloading for Python {base['python']}: {', '.join(requirements) or 'nothing'}; building cellmask"
+    )
+    commands = wheels.wheel_commands(out, base, requirements, root=args.root)
+    if args.dry_run:
+        import shlex
+
+        print("\n".join("$ " + shlex.join(c) for c in commands))
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.whl"):  # two versions of one package would both install
+        old.unlink()
+    for command in commands:
+        subprocess.run(command, check=True)
+    print(f"{out}: {', '.join(sorted(p.name for p in out.glob('*.whl')))}")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace, runner: KaggleRunner) -> int:
+    branches, segmenter = list(args.runs or []), args.segmenter
+    if not branches or segmenter is None:
+        found, found_seg = weights.discover_runs(args.runs_from)
+        branches = branches or found
+        segmenter = segmenter or found_seg
+    if segmenter is None:
+        raise DataError(f"no segmenter run under {args.runs_from}; give one with --segmenter (SEGMENTER=...)")
+    out = Path(args.out or args.root / packaging.DATASETS_DIR / packaging.WEIGHTS)
+    manifest = weights.collect_weights(branches, segmenter, args.predict_config, out)
+    for name, entry in manifest["branches"].items():
+        print(f"branch    {name}: {entry['type']} from {entry['source']} (weight {entry['ensemble_weight']})")
+    print(f"segmenter from {manifest['segmenter']['source']}")
+    print(f"predict config: {manifest['predict_config'] or 'none (the paper defaults)'}")
+    print(f"-> {out}")
+    return 0
+
+
+def cmd_code_dataset(args: argparse.Namespace, runner: KaggleRunner) -> int:
+    out = packaging.build_code_dataset(args.root)
+    print(f"-> {out}")
+    return 0
+
+
+def cmd_push_datasets(args: argparse.Namespace, runner: KaggleRunner) -> int:
+    user = _user(args)
+    message = args.message or default_message(args.root)
+    packaging.build_code_dataset(args.root)
+    for name in args.only or packaging.DATASET_NAMES:
+        folder = packaging.stage_dataset(name, user, args.root)
+        dataset_id = packaging.dataset_metadata(name, user, args.root)["id"]
+        api.push_dataset(runner, dataset_id, folder, message)
+    return 0
+
+
+def _push(
+    spec: packaging.KernelSpec, args: argparse.Namespace, runner: KaggleRunner, user: str
+) -> int | None:
+    folder = packaging.stage_kernel(spec, user, args.root)
+    where = "internet off" if not spec.enable_internet else "internet on"
+    runner.note(
+        f"{user}/{spec.slug}: {spec.notebook}.ipynb ({where}, GPU {'on' if spec.enable_gpu else 'off'})"
+    )
+    return api.push_kernel(runner, folder)
+
+
+def cmd_push(args: argparse.Namespace, runner: KaggleRunner) -> int:
+    _push(packaging.kernel_spec(packaging.INFERENCE_NOTEBOOK, root=args.root), args, runner, _user(args))
+    return 0
+
+
+def cmd_push_train(args: argparse.Namespace, runner: KaggleRunner) -> int:
+    notebook = Path(args.notebook).stem  # NB=notebooks/02_....ipynb works too
+    _push(packaging.kernel_spec(notebook, args.branch, root=args.root), args, runner, _user(args))
+    return 0
+
+
+def cmd_pull_runs(args: argparse.Namespace, runner: KaggleRunner) -> int:
+    user = _user(args)
+    out = Path(args.out)
+    for notebook in packaging.list_notebooks(args.root):
+        spec = packaging.kernel_spec(notebook, root=args.root)
+        if packaging.writes_competition_runs(spec):
+            runner.run(["kernels", "output", f"{user}/{spec.slug}", "-p", str(out)])
+    runner.note(f"then: make weights (reads {out / 'sartorius'})")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace, runner: KaggleRunner) -> int:
+    user = _user(args)
+    spec = packaging.kernel_spec(packaging.INFERENCE_NOTEBOOK, root=args.root)
+    kernel_id = f"{user}/{spec.slug}"
+    version: int | str | None = args.version
+    if version is None:
+        version = _push(spec, args, runner, user)
+        api.wait_for_kernel(runner, kernel_id, poll_s=args.poll)
+        if version is None and not runner.dry_run:
+            raise KaggleCommandError("the push printed no version number; submit it with VERSION=N")
+        version = version if version is not None else "VERSION_OF_THE_PUSH"
+        if runner.dry_run:
+            runner.note("the version number is the one `kaggle kernels push` prints")
+    api.submit_kernel(runner, kernel_id, version, args.message or default_message(args.root))
+    return 0
+
+
+COMMANDS = {
+    "notebooks-clean": cmd_notebooks_clean,
+    "wheels": cmd_wheels,
+    "weights": cmd_weights,
+    "code-dataset": cmd_code_dataset,
+    "push-datasets": cmd_push_datasets,
+    "push": cmd_push,
+    "push-train": cmd_push_train,
+    "pull-runs": cmd_pull_runs,
+    "submit": cmd_submit,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cellmask.kaggle", description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="print each kaggle command instead of running it")
+    p.add_argument("--root", type=Path, default=Path("."), help="the checkout (default: .)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("notebooks-clean", help="strip outputs and metadata from notebooks")
+    s.add_argument("files", nargs="*", help="default: notebooks/*.ipynb")
+    s.add_argument("--check", action="store_true", help="only list problems (exit 1 if any)")
+    s = sub.add_parser("wheels", help="the wheels dataset: what Kaggle's image lacks + cellmask")
+    s.add_argument("--out", default=None)
+    s = sub.add_parser("weights", help="the weights dataset from run directories")
+    s.add_argument(
+        "--runs", nargs="*", default=None, help="detector run directories (default: found under --from)"
+    )
+    s.add_argument("--segmenter", default=None, help="the segmenter run (default: the one under --from)")
+    s.add_argument("--predict-config", default=None, help="the tuned predict config (cellmask tune)")
+    s.add_argument(
+        "--from", dest="runs_from", type=Path, default=Path("runs/sartorius"), help="default runs/sartorius"
+    )
+    s.add_argument("--out", default=None)
+    sub.add_parser("code-dataset", help="the code dataset: configs, sources, notebooks")
+    s = sub.add_parser("push-datasets", help="version (or create) the three datasets on Kaggle")
+    s.add_argument("--message", default=None)
+    s.add_argument("--only", nargs="*", choices=packaging.DATASET_NAMES, default=None)
+    sub.add_parser("push", help="push the offline inference kernel (07_inference)")
+    s = sub.add_parser("push-train", help="push a training notebook as a kernel")
+    s.add_argument("notebook", help="e.g. 02_finetune_faster_rcnn_swin_t")
+    s.add_argument("--branch", default=None, help="01_pretrain_livecell only: one branch config")
+    s = sub.add_parser("pull-runs", help="download the training kernels' outputs (their runs)")
+    s.add_argument("--out", default="runs", help="default runs/ (then make weights reads runs/sartorius)")
+    s = sub.add_parser("submit", help="push 07, wait for its run, submit its output")
+    s.add_argument("--message", default=None, help="default: cellmask <git describe>")
+    s.add_argument("--version", default=None, help="submit this kernel version (no push)")
+    s.add_argument("--poll", type=float, default=60.0, help="seconds between status checks (default 60)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    runner = KaggleRunner(dry_run=args.dry_run)
+    if not args.dry_run:  # dry runs print the plain `kaggle ...` a user would type
+        runner.executable = api.find_kaggle_cli() or "kaggle"
+    try:
+        return COMMANDS[args.command](args, runner)
+    except (KaggleSetupError, KaggleCommandError, DataError, FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"cellmask kaggle {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as exc:
+        print(
+            f"cellmask kaggle {args.command}: error: `{' '.join(map(str, exc.cmd))}` failed", file=sys.stderr
+        )
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""What the notebooks share: where inputs and outputs are (Kaggle or a checkout), one training
+stage, and the small tables and figures they show. Model code stays in the rest of cellmask.
+
+On Kaggle the competition is mounted under ``/kaggle/input/sartorius-cell-instance-segmentation``,
+our datasets under ``/kaggle/input/<dataset>`` and the outputs of other kernels under
+``/kaggle/input/<kernel slug>``; a kernel writes to ``/kaggle/working``. From a checkout the same
+notebooks read ``data/synthetic`` (or ``$CELLMASK_DATA``) and ``configs/`` and write ``runs/``.
+Runs are laid out as ``<out>/<dataset>/<config name>/`` (``livecell/faster_rcnn_swin_t``), so
+a later notebook finds an earlier one's run in the same session or among the inputs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cellmask.paths import KAGGLE_WORKING, default_data_root, on_kaggle
+
+KAGGLE_INPUT = Path("/kaggle/input")
+CODE_DATASET = KAGGLE_INPUT / "cellmask-code"
+
+
+def checkout_root(start: str | Path | None = None) -> Path | None:
+    """The cellmask checkout holding ``start`` (default: the working directory), if any."""
+    here = Path(start or Path.cwd()).resolve()
+    for path in (here, *here.parents):
+        if (path / "pyproject.toml").is_file() and (path / "src" / "cellmask").is_dir():
+            return path
+    return None
+
+
+@dataclass(frozen=True)
+class NotebookPaths:
+    """The folders a notebook works with: ``data`` (Kaggle layout), ``out`` (runs and figures),
+    ``configs`` (the YAML configs; ``None`` where none was found: :meth:`config` then says so)."""
+
+    data: Path
+    out: Path
+    configs: Path | None
+
+    def config(self, name: str) -> Path:
+        """``configs/<name>.yaml``.
+
+        Raises:
+            FileNotFoundError: no configs folder, or no such config (the message lists the
+                available ones).
+        """
+        if self.configs is None:
+            raise FileNotFoundError(
+                f"no configs folder: not in a checkout, and no {CODE_DATASET / 'configs'} (attach the cellmask-code dataset)"
+            )
+        path = self.configs / f"{name}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in self.configs.glob("*.yaml")))
+            raise FileNotFoundError(f"{path}: no such config; available: {known}")
+        return path
+
+    def has_config(self, name: str) -> bool:
+        """Whether ``configs/<name>.yaml`` exists."""
+        return self.configs is not None and (self.configs / f"{name}.yaml").is_file()
+
+    def run(self, dataset: str, name: str) -> Path:
+        """Where the run of config ``name`` on ``dataset`` (``livecell`` / ``sartorius``) goes."""
+        return self.out / dataset / name
+
+
+def notebook_paths(
+    data: str | Path | None = None, out: str | Path | None = None, configs: str | Path | None = None
+) -> NotebookPaths:
+    """Resolve a notebook's ``DATA`` / ``OUT`` / ``CONFIGS`` parameters (``None``: the default).
+
+    Defaults: data :func:`cellmask.paths.default_data_root` (Kaggle's competition folder on Kaggle;
+    a relative default is taken from the checkout's root); out ``/kaggle/working`` on Kaggle,
+    else ``runs/`` of the checkout; configs ``configs/`` of the checkout, else the
+    ``cellmask-code`` dataset's. ``out`` is created.
+    """
+    root = checkout_root()
+    base = root or Path.cwd()
+    data_path = Path(data) if data is not None else default_data_root()
+    if not data_path.is_absolute() and data is None:
+        data_path = base / data_path
+    if out is None:
+        out = KAGGLE_WORKING if on_kaggle() else base / "runs"
+    if configs is None:
+        candidates = ([root / "configs"] if root else []) + [CODE_DATASET / "configs"]
+        configs = next((c for c in candidates if c.is_dir()), None)
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    return NotebookPaths(data=data_path, out=out_path, configs=Path(configs) if configs is not None else None)
+
+
+def find_input(relative: str | Path, roots: Sequence[str | Path] = ()) -> Path | None:
+    """The first ``<root>/<relative>`` that exists, trying ``roots`` and then every input mounted
+    under ``/kaggle/input`` (datasets and other kernels' outputs); ``None`` if none does."""
+    candidates = [Path(r) / relative for r in roots]
+    if KAGGLE_INPUT.is_dir():
+        candidates += sorted(KAGGLE_INPUT.glob(f"*/{Path(relative).as_posix()}"))
+    return next((c for c in candidates if c.exists()), None)
+
+
+def train_stage(
+    paths: NotebookPaths,
+    config: str,
+    dataset: str,
+    *,
+    profile: str = "paper",
+    epochs: int | None = None,
+    device: str | None = None,
+    init: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    out_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+) -> dict[str, Any]:
+    """``cellmask train`` of config ``config`` on ``dataset`` into ``paths.run(dataset, config)``.
+
+    Args:
+        resume_from: a run directory of an earlier session (e.g. this kernel's previous output
+            under ``/kaggle/input``): copied into the run directory and continued from its
+            ``last.pt`` (a paper-scale stage can take longer than one Kaggle session).
+        the rest: as :func:`cellmask.train.run_training` and :func:`cellmask.config.load_config`.
+
+    Returns:
+        :func:`~cellmask.train.run_training`'s result, plus ``run_dir``.
+    """
+    from cellmask.config import load_config
+    from cellmask.train import run_training
+
+    cfg = load_config(paths.config(config), profile=profile, overrides=list(overrides) or None)
+    run_dir = Path(out_dir) if out_dir is not None else paths.run(dataset, config)
+    resume = False
+    if resume_from is not None:
+        shutil.copytree(resume_from, run_dir, dirs_exist_ok=True)
+        resume = (run_dir / "last.pt").is_file()
+    result = run_training(
+        cfg, paths.data, dataset, run_dir, init=init, resume=resume, epochs=epochs, device=device
+    )
+    best = result.get("best")
+    summary = f"best {best['metric']} {best['value']:.4f} at epoch {best['epoch']}" if best else "no best"
+    print(f"{config} on {dataset} ({profile}): {summary}; run directory {run_dir}")
+    result["run_dir"] = run_dir
+    return result
+
+
+def validation_records(run_dir: str | Path, data: str | Path) -> list[Any]:
+    """The validation images of a run: the split its own ``config.yaml`` made of ``data``."""
+    import yaml
+
+    from cellmask.train import load_split
+
+    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    dataset = (cfg.get("data") or {}).get("dataset", "sartorius")
+    return load_split(cfg, data, dataset)[1]
+
+
+def instance_table(records: Sequence[Any]) -> Any:
+    """A pandas DataFrame with one row per instance: ``image_id``, ``cell_type``, ``area``
+    (pixels), ``box_w``, ``box_h``."""
+    import numpy as np
+    import pandas as pd
+
+    from cellmask.data.rle import rle_area
+
+    rows = []
+    for r in records:
+        boxes = np.asarray(r.boxes, dtype=float).reshape(-1, 4)
+        for i, rle in enumerate(r.rles()):
+            x0, y0, x1, y1 = boxes[i]
+            rows.append((r.image_id, r.cell_type, rle_area(rle, r.height, r.width), x1 - x0, y1 - y0))
+    return pd.DataFrame(rows, columns=["image_id", "cell_type", "area", "box_w", "box_h"])
+
+
+def detect_records(checkpoint: str | Path, records: Sequence[Any], device: str | None = None) -> list[dict]:
+    """Raw detections ``{"boxes", "scores", "labels"}`` (numpy) of a detector checkpoint on
+    every record's image."""
+    from cellmask.data.images import read_image
+    from cellmask.predict import detect, load_detector
+
+    model, _ = load_detector(checkpoint, device or "cpu")
+    out = []
+    for r in records:
+        boxes, scores, labels = detect(model, read_image(r.path, (r.height, r.width)))
+        out.append({"boxes": boxes.numpy(), "scores": scores.numpy(), "labels": labels.numpy()})
+    return out
+
+
+def plot_detections(
+    records: Sequence[Any], detections: Sequence[Mapping[str, Any]], min_score: float = 0.5
+) -> Any:
+    """One panel per record: truth boxes (green) and detections scoring >= ``min_score`` (red)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from cellmask.data.images import read_image
+
+    fig = Figure(figsize=(5 * len(records), 4), layout="constrained")
+    for i, (r, det) in enumerate(zip(records, detections, strict=True)):
+        ax = fig.add_subplot(1, len(records), i + 1)
+        ax.imshow(read_image(r.path, (r.height, r.width)), cmap="gray")
+        keep = np.asarray(det["scores"]) >= min_score
+        for boxes, color in ((np.asarray(r.boxes), "lime"), (np.asarray(det["boxes"])[keep], "red")):
+            for x0, y0, x1, y1 in boxes.reshape(-1, 4):
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=color, lw=0.8))
+        ax.set_title(f"{r.image_id} ({r.cell_type}): {len(r)} truth, {int(keep.sum())} detected", fontsize=9)
+        ax.set_axis_off()
+    return fig
+
+
+def plot_bars(table: Mapping[str, Mapping[str, float]], ylabel: str, title: str = "") -> Any:
+    """Grouped bars: one group per inner key (e.g. class), one bar per outer key (e.g. model),
+    each labelled with its value (``n/a`` for NaN, e.g. a class without validation images)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    groups = list(dict.fromkeys(k for row in table.values() for k in row))
+    fig = Figure(figsize=(max(4.0, 1.5 * len(groups) + 2), 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(table))
+    for j, (name, row) in enumerate(table.items()):
+        xs = np.arange(len(groups)) + j * width
+        values = [float(row.get(g, np.nan)) for g in groups]
+        bars = ax.bar(xs, np.nan_to_num(values), width=width, label=name)
+        ax.bar_label(bars, labels=["n/a" if np.isnan(v) else f"{v:.2f}" for v in values], fontsize=7)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(table) - 1) / 2, groups)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def segment_truth_boxes(
+    checkpoint: str | Path, records: Sequence[Any], device: str | None = None
+) -> dict[str, list[str]]:
+    """``{image_id: [rle, ...]}``: the segmenter checkpoint's mask of every truth box of each
+    record (what its validation mIoU measures), for :func:`cellmask.demo.save_comparison`."""
+    from cellmask.data.images import read_image
+    from cellmask.data.rle import rle_encode
+    from cellmask.predict import load_segmenter, segment
+
+    model, _ = load_segmenter(checkpoint, device or "cpu")
+    out = {}
+    for r in records:
+        pasted, _ = segment(model, read_image(r.path, (r.height, r.width)), r.boxes)
+        out[r.image_id] = [rle_encode(pasted.mask(i).numpy()) for i in range(len(pasted))]
+    return out

@@ -1,0 +1,103 @@
+"""The wheels dataset: every dependency of cellmask that Kaggle's image lacks, as wheels for its
+Python and platform, plus cellmask's own wheel (``make wheels``). ``base_image.json`` beside
+the wheels says what the image is assumed to have; the inference kernel installs the wheels
+with ``pip install --no-index --no-deps``."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cellmask.errors import DataError
+from cellmask.kaggle.packaging import BASE_IMAGE, read_json
+
+
+def normalize_name(name: str) -> str:
+    """PEP 503 normalised distribution name (``Segmentation_Models.PyTorch`` -> ``segmentation-models-pytorch``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_base_image(path: str | Path = BASE_IMAGE) -> dict[str, Any]:
+    """``base_image.json``: ``python`` (``3.11``), ``platforms`` (pip ``--platform`` tags) and
+    ``provided`` (distribution -> the top-level modules it gives), what Kaggle's image has."""
+    data = read_json(path)
+    for key in ("python", "platforms", "provided"):
+        if key not in data:
+            raise DataError(f"{path}: missing {key!r}")
+    return data
+
+
+def _requirement(text: str, python: str) -> str | None:
+    """The distribution a ``Requires-Dist`` line needs on Linux with ``python``, else ``None``."""
+    from packaging.requirements import Requirement
+
+    req = Requirement(text)
+    if req.marker is not None:
+        env = {"python_version": python, "sys_platform": "linux", "platform_system": "Linux", "extra": ""}
+        env |= {"platform_machine": "x86_64", "os_name": "posix", "implementation_name": "cpython"}
+        if not req.marker.evaluate(env):
+            return None
+    return normalize_name(req.name)
+
+
+def missing_distributions(
+    base: Mapping[str, Any],
+    root: str = "cellmask",
+    requires: Callable[[str], Iterable[str] | None] | None = None,
+) -> list[str]:
+    """The distributions ``root`` needs (its dependencies, recursively, for Linux and
+    ``base["python"]``) that ``base["provided"]`` does not: what the wheels dataset must hold.
+    The walk stops at provided distributions (the image brings their dependencies too).
+
+    Args:
+        requires: ``name -> Requires-Dist lines`` (default: the installed metadata).
+    """
+    if requires is None:
+        from importlib.metadata import requires as installed_requires
+
+        requires = installed_requires
+    provided = {normalize_name(n) for n in base["provided"]}
+    seen: set[str] = set()
+    todo = [normalize_name(root)]
+    while todo:
+        name = todo.pop()
+        for line in requires(name) or []:
+            dep = _requirement(line, str(base["python"]))
+            if dep and dep not in provided and dep not in seen and dep != normalize_name(root):
+                seen.add(dep)
+                todo.append(dep)
+    return sorted(seen)
+
+
+def pinned(names: Iterable[str], version: Callable[[str], str] | None = None) -> list[str]:
+    """``name==version`` of the installed version (what the tests ran), or the bare name."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    version = version or installed_version
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def wheel_commands(
+    out: str | Path, base: Mapping[str, Any], requirements: Sequence[str], root: str | Path = "."
+) -> list[list[str]]:
+    """The pip commands of ``make wheels``: download ``requirements`` as binary wheels for
+    Kaggle's Python and platform (no dependencies: :func:`missing_distributions` chose them),
+    then build cellmask's own wheel, both into ``out``."""
+    pip = [sys.executable, "-m", "pip"]
+    download = [*pip, "download", "--no-deps", "--only-binary=:all:", "--implementation", "cp"]
+    download += ["--python-version", str(base["python"])]
+    for platform in base["platforms"]:
+        download += ["--platform", platform]
+    download += ["--dest", str(out), *requirements]
+    own = [*pip, "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out), str(root)]
+    return [download, own] if requirements else [own]

@@ -1,0 +1,285 @@
+"""The pieces behind the notebooks and the Kaggle datasets: notebook cleaning and parameter
+injection, the weights dataset, the wheels list, and the notebooks' path helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat import v4
+
+from cellmask.errors import DataError
+from cellmask.kaggle import notebooks as nbt
+from cellmask.kaggle import session, weights, wheels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PARAMS = """# parameters
+DATA = None  # the data root
+NAMES = [
+    "a",  # first
+    "b",
+]
+NOTE = "déjà vu"  # unicode before a later value
+EPOCHS = 36  # epochs"""
+
+
+def _notebook(params: str = PARAMS, extra: str = "print(DATA)") -> nbformat.NotebookNode:
+    nb = v4.new_notebook()
+    cell = v4.new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [v4.new_markdown_cell("# title"), cell, v4.new_code_cell(extra)]
+    return nb
+
+
+def _write(path: Path, nb) -> Path:
+    path.write_text(nbformat.writes(nb) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------ notebooks
+
+
+def test_clean_notebook_strips_outputs_counts_and_metadata(tmp_path):
+    nb = nbt.clean_notebook(_notebook())
+    canonical = _write(tmp_path / "clean.ipynb", nb)
+    assert nbt.notebook_problems(canonical) == []
+    dirty = nbt.clean_notebook(_notebook())
+    dirty.metadata["widgets"] = {"state": {}}
+    dirty.metadata["language_info"]["version"] = "3.11.7"
+    dirty.cells[2].outputs = [v4.new_output("stream", text="hello\n")]
+    dirty.cells[2].execution_count = 4
+    dirty.cells[2].metadata["collapsed"] = True
+    path = _write(tmp_path / "dirty.ipynb", dirty)
+    problems = " ".join(nbt.notebook_problems(path))
+    for expected in (
+        "cell 2 has outputs",
+        "cell 2 has an execution count",
+        "cell 2 has metadata ['collapsed']",
+        "notebook metadata",
+    ):
+        assert expected in problems
+    assert nbt.strip_file(path) is True
+    assert nbt.notebook_problems(path) == []
+    assert path.read_text() == canonical.read_text().replace(nb.cells[0].id, dirty.cells[0].id).replace(
+        nb.cells[1].id, dirty.cells[1].id
+    ).replace(nb.cells[2].id, dirty.cells[2].id)
+    assert nbt.strip_file(path) is False  # idempotent
+    # the parameters tag survives cleaning
+    assert nbt.parameters_cell(nbt.read_notebook(path)) == 1
+
+
+def test_notebook_problems_catch_each_rule(tmp_path):
+    def problems(nb) -> str:
+        return " ".join(nbt.notebook_problems(_write(tmp_path / "x.ipynb", nbt.clean_notebook(nb))))
+
+    two = _notebook()
+    two.cells[2].metadata["tags"] = ["parameters"]
+    assert "found 2" in problems(two)
+    none = _notebook()
+    none.cells[1].metadata = {}
+    assert "found 0" in problems(none)
+    assert "not a literal" in problems(_notebook(params="DATA = some_function()"))
+    assert "may only hold NAME = literal" in problems(_notebook(params="import os\nDATA = None"))
+    assert "more than one sys.path" in problems(
+        _notebook(extra="import sys\nsys.path.insert(0, 'a')\nsys.path.append('b')")
+    )
+    assert "defines a class" in problems(_notebook(extra="class Head:\n    pass"))
+    # not what the stripper writes (e.g. hand-edited JSON with another indentation)
+    path = tmp_path / "y.ipynb"
+    path.write_text(json.dumps(nbt.clean_notebook(_notebook()), indent=2))
+    assert "not in canonical form" in " ".join(nbt.notebook_problems(path))
+    path.write_text("{not json")
+    assert "not a valid notebook" in " ".join(nbt.notebook_problems(path))
+
+
+def test_inject_parameters_replaces_values_only():
+    nb = _notebook()
+    out = nbt.inject_parameters(nb, {"DATA": Path("/tmp/data"), "NAMES": ["x"], "EPOCHS": 1, "NOTE": "ok"})
+    source = nbt.cell_source(out.cells[1])
+    assert source.splitlines() == [
+        "# parameters",
+        "DATA = '/tmp/data'  # the data root",
+        "NAMES = ['x']",
+        "NOTE = 'ok'  # unicode before a later value",
+        "EPOCHS = 1  # epochs",
+    ]
+    assert nbt.notebook_parameters(out) == {"DATA": "/tmp/data", "NAMES": ["x"], "NOTE": "ok", "EPOCHS": 1}
+    assert nbt.notebook_parameters(nb)["EPOCHS"] == 36  # the input is not modified
+    with pytest.raises(KeyError, match="EPOCH"):
+        nbt.inject_parameters(nb, {"EPOCH": 1})
+    with pytest.raises(ValueError, match="not a plain literal"):
+        nbt.inject_parameters(nb, {"DATA": object()})
+
+
+def test_parameters_of_plain_json(tmp_path):
+    """Pushing reads notebooks without nbformat: as JSON, sources as lists of lines."""
+    path = _write(tmp_path / "n.ipynb", nbt.clean_notebook(_notebook()))
+    raw = nbt.read_notebook_json(path)
+    assert isinstance(raw["cells"][1]["source"], list)
+    assert nbt.notebook_parameters(raw)["EPOCHS"] == 36
+    out = nbt.write_notebook_json(nbt.inject_parameters(raw, {"EPOCHS": 2}), tmp_path / "o.ipynb")
+    assert nbt.notebook_parameters(nbt.read_notebook(out))["EPOCHS"] == 2
+    nbformat.validate(nbt.read_notebook(out))
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+def _run(path: Path, model_type: str, weight: int | None = 1, payload: bytes = b"weights") -> Path:
+    path.mkdir(parents=True)
+    (path / "best.pt").write_bytes(payload)
+    (path / "last.pt").write_bytes(b"optimizer state too")
+    cfg = {
+        "model": {"type": model_type, "backbone": {"name": "bb"}},
+        "profile": "smoke",
+        "ensemble": {"weight": weight},
+    }
+    (path / "config.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def test_collect_weights_lays_out_the_dataset(tmp_path):
+    runs = tmp_path / "runs"
+    det1 = _run(runs / "faster_rcnn_swin_t", "faster_rcnn", 2, b"one")
+    det2 = _run(runs / "cascade_rcnn_resnext101", "cascade_rcnn", 3, b"two")
+    seg = _run(runs / "segmenter_upernet_swin_t", "segmenter", None, b"seg")
+    tuned = tmp_path / "predict.yaml"
+    tuned.write_text("predict: {min_area: 4}\n")
+    out = tmp_path / "datasets" / "cellmask-weights"
+    out.mkdir(parents=True)
+    (out / "dataset-metadata.json").write_text("{}")
+    (out / "branches" / "old_run").mkdir(parents=True)  # stale: replaced
+    manifest = weights.collect_weights([det1, det2], seg, tuned, out)
+    assert sorted(p.name for p in (out / "branches").iterdir()) == [
+        "cascade_rcnn_resnext101",
+        "faster_rcnn_swin_t",
+    ]
+    assert (out / "branches" / "faster_rcnn_swin_t" / "best.pt").read_bytes() == b"one"
+    assert (out / "segmenter" / "best.pt").read_bytes() == b"seg"
+    assert (out / "segmenter" / "config.yaml").is_file()
+    assert not list(out.rglob("last.pt"))  # weights only
+    assert (out / "predict.yaml").read_text() == tuned.read_text()
+    assert (out / "dataset-metadata.json").read_text() == "{}"
+    assert manifest["branches"]["cascade_rcnn_resnext101"]["ensemble_weight"] == 3
+    assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
+    found, found_seg = weights.discover_runs(runs)
+    assert (found, found_seg) == ([det2, det1], seg)
+
+
+def test_collect_weights_refuses_mixed_up_runs(tmp_path):
+    det = _run(tmp_path / "a" / "det", "faster_rcnn")
+    seg = _run(tmp_path / "seg", "segmenter")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="is a segmenter run, given as a detector branch"):
+        weights.collect_weights([det, seg], seg, out=out)
+    with pytest.raises(DataError, match="is a faster_rcnn run, given as the segmenter"):
+        weights.collect_weights([det], det, out=out)
+    with pytest.raises(DataError, match="share a directory name"):
+        weights.collect_weights([det, _run(tmp_path / "b" / "det", "cascade_rcnn")], seg, out=out)
+    with pytest.raises(DataError, match="no detector run"):
+        weights.collect_weights([], seg, out=out)
+    (det / "best.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"det/best\.pt"):
+        weights.collect_weights([det], seg, out=out)
+    with pytest.raises(FileNotFoundError, match="no such predict config"):
+        weights.collect_weights(
+            [_run(tmp_path / "c" / "det", "faster_rcnn")], seg, tmp_path / "missing.yaml", out=out
+        )
+    _run(tmp_path / "two" / "s1", "segmenter")
+    _run(tmp_path / "two" / "s2", "segmenter")
+    with pytest.raises(DataError, match="several segmenter runs"):
+        weights.discover_runs(tmp_path / "two")
+
+
+# ------------------------------------------------------------------------------ wheels
+
+
+def test_missing_distributions_walks_what_the_image_lacks():
+    graph = {
+        "cellmask": ["torch>=2.1", "Timm>=1.0", "ensemble_boxes", "pytest; extra == 'test'"],
+        "timm": ["torch", "huggingface-hub", "safetensors"],
+        "ensemble-boxes": ["numpy", "numba", "colorama; platform_system == 'Windows'"],
+        "numba": ["llvmlite"],  # provided: its dependencies come with it
+        "huggingface-hub": ["tomli; python_version < '3.11'", "filelock"],
+    }
+    base = {"python": "3.11", "platforms": [], "provided": {"torch": [], "numpy": [], "numba": []}}
+    assert wheels.missing_distributions(base, requires=graph.get) == [
+        "ensemble-boxes",
+        "filelock",
+        "huggingface-hub",
+        "safetensors",
+        "timm",
+    ]
+    older = {**base, "python": "3.10"}
+    assert "tomli" in wheels.missing_distributions(older, requires=graph.get)
+
+
+def test_the_declared_base_image_and_the_wheel_commands():
+    base = wheels.read_base_image(ROOT / "datasets" / "cellmask-wheels" / "base_image.json")
+    missing = wheels.missing_distributions(base)  # cellmask's installed metadata
+    assert {"ensemble-boxes", "segmentation-models-pytorch", "timm", "pycocotools"} <= set(missing)
+    assert not {"torch", "torchvision", "numpy", "pandas"} & set(missing)
+    assert wheels.pinned(["timm", "not-installed"], version=_fake_version) == ["timm==1.0.9", "not-installed"]
+    download, own = wheels.wheel_commands("out", base, ["timm==1.0.9"], root="repo")
+    assert download[download.index("--python-version") + 1] == base["python"]
+    assert {"--no-deps", "--only-binary=:all:"} <= set(download) and download[-1] == "timm==1.0.9"
+    assert [download[i + 1] for i, a in enumerate(download) if a == "--platform"] == base["platforms"]
+    assert own[1:] == [
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--wheel-dir",
+        "out",
+        "repo",
+    ]
+
+
+def _fake_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError
+
+    if name == "timm":
+        return "1.0.9"
+    raise PackageNotFoundError(name)
+
+
+# ------------------------------------------------------------------------------ session
+
+
+def test_notebook_paths_in_a_checkout(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT / "notebooks")
+    monkeypatch.delenv("CELLMASK_DATA", raising=False)
+    paths = session.notebook_paths(out=tmp_path / "out")
+    assert paths.configs == ROOT / "configs" and paths.data == ROOT / "data" / "synthetic"
+    assert paths.out.is_dir() and paths.run("livecell", "x") == tmp_path / "out" / "livecell" / "x"
+    assert paths.config("faster_rcnn_swin_t") == ROOT / "configs" / "faster_rcnn_swin_t.yaml"
+    assert paths.has_config("faster_rcnn_swin_t") and not paths.has_config("nope")
+    with pytest.raises(FileNotFoundError, match="available: .*faster_rcnn_swin_t"):
+        paths.config("nope")
+    monkeypatch.chdir(tmp_path)  # outside a checkout, no code dataset
+    outside = session.notebook_paths(data=tmp_path, out=tmp_path / "o")
+    if not session.CODE_DATASET.is_dir():
+        assert outside.configs is None
+        with pytest.raises(FileNotFoundError, match="attach the cellmask-code dataset"):
+            outside.config("faster_rcnn_swin_t")
+
+
+def test_find_input_tries_roots_in_order(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for root in (first, second):
+        (root / "livecell" / "x").mkdir(parents=True)
+    (second / "livecell" / "x" / "best.pt").write_bytes(b"")
+    assert (
+        session.find_input("livecell/x/best.pt", roots=[first, second])
+        == second / "livecell" / "x" / "best.pt"
+    )
+    (first / "livecell" / "x" / "best.pt").write_bytes(b"")
+    assert (
+        session.find_input("livecell/x/best.pt", roots=[first, second])
+        == first / "livecell" / "x" / "best.pt"
+    )
+    assert session.find_input("livecell/y/best.pt", roots=[first, second]) is None
