@@ -15,16 +15,20 @@ indices (:meth:`SampledBoxes.pixel_boxes`), still without any ``H x W`` array.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from cellmask.data.augment import Size
 
+if TYPE_CHECKING:
+    from cellmask.data.transforms import Plan
+
 __all__ = ["SampledBoxes", "plan_index_maps"]
 
 
-def plan_index_maps(plan, size: Size) -> tuple[np.ndarray, np.ndarray, Size]:
+def plan_index_maps(plan: Plan, size: Size) -> tuple[np.ndarray, np.ndarray, Size]:
     """Compose the index maps of a non-rotating plan's geometric ops.
 
     Args:
@@ -75,7 +79,7 @@ class SampledBoxes:
         size: the source image ``(H, W)``.
     """
 
-    def __init__(self, plan, size: Size) -> None:
+    def __init__(self, plan: Plan, size: Size) -> None:
         rows, cols, self.out_size = plan_index_maps(plan, size)
         self.size = (int(size[0]), int(size[1]))
         self.rows, self.cols = _Axis(rows, size[0]), _Axis(cols, size[1])
