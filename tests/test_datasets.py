@@ -19,7 +19,7 @@ from cellmask.data.images import read_image
 from cellmask.data.livecell import LIVECELL_CLASS_TO_LABEL, read_livecell_coco
 from cellmask.data.records import ImageRecord, polygons_to_mask
 from cellmask.data.rle import rle_encode
-from cellmask.data.transforms import Pipeline, build_transforms
+from cellmask.data.transforms import build_transforms
 from cellmask.errors import DataError
 
 torch.set_num_threads(1)
@@ -145,7 +145,7 @@ def border_record(tmp_path, tight_boxes) -> ImageRecord:
 
 def test_instance_shifted_out_is_dropped_with_its_label(border_record):
     masks = border_record.masks()
-    ds = DetectionDataset([border_record], Pipeline([Shift(12, 0)], geometric=True), with_masks=True)
+    ds = DetectionDataset([border_record], Shift(12, 0), with_masks=True)
     _, target = ds[0]
     assert target["labels"].tolist() == [1]
     assert target["boxes"].shape == (1, 4) and target["masks"].shape == (1, 64, 96)
@@ -154,17 +154,15 @@ def test_instance_shifted_out_is_dropped_with_its_label(border_record):
         target["boxes"].numpy(), border_record.boxes[1:] + np.float32([12, 0, 12, 0])
     )
     # a smaller shift cuts cell 0 at the border: its box is clipped to the image
-    _, target = DetectionDataset([border_record], Pipeline([Shift(6, 0)], geometric=True))[0]
+    _, target = DetectionDataset([border_record], Shift(6, 0))[0]
     assert target["labels"].tolist() == [2, 1]
     assert target["boxes"][0, 2] == 96 and target["boxes"][0, 0] == border_record.boxes[0, 0] + 6
     # shifted out of the image entirely: no instances, but well-formed empty targets
-    _, target = DetectionDataset([border_record], Pipeline([Shift(0, 70)], geometric=True), with_masks=True)[
-        0
-    ]
+    _, target = DetectionDataset([border_record], Shift(0, 70), with_masks=True)[0]
     assert target["boxes"].shape == (0, 4) and target["boxes"].dtype == torch.float32
     assert target["labels"].shape == (0,) and target["masks"].shape == (0, 64, 96)
     # slivers below min_area / min_size are dropped too
-    _, target = DetectionDataset([border_record], Pipeline([Shift(10, 0)], geometric=True), min_size=3)[0]
+    _, target = DetectionDataset([border_record], Shift(10, 0), min_size=3)[0]
     assert target["labels"].tolist() == [1]
 
 
@@ -256,6 +254,17 @@ def test_livecell_polygon_record_goes_through_the_same_path(livecell_records, au
     np.testing.assert_array_equal(target["masks"].numpy(), expected_masks[:, :, ::-1])
     np.testing.assert_array_equal(target["boxes"].numpy(), tight_boxes(expected_masks[:, :, ::-1]))
     assert target["labels"].tolist() == [label] * 3
+    # without masks, a flip maps the COCO boxes themselves: [x0, x1] -> [W - x1, W - x0]
+    _, target = DetectionDataset(records, build_transforms(augment_only(hflip=1.0), True))[0]
+    b = record.boxes
+    np.testing.assert_array_equal(
+        target["boxes"].numpy(), np.stack([W - b[:, 2], b[:, 1], W - b[:, 0], b[:, 3]], 1)
+    )
+    # a rotation takes the tight boxes of the rotated rasterised polygons
+    cfg = augment_only(shift_scale_rotate={"p": 1.0, "rotate": 30})
+    torch.manual_seed(0)
+    _, target = DetectionDataset(records, build_transforms(cfg, True), with_masks=True)[0]
+    np.testing.assert_array_equal(target["boxes"].numpy(), tight_boxes(target["masks"].numpy()))
 
     torch.manual_seed(0)
     _, target = DetectionDataset(records, build_transforms({}, True))[0]
@@ -294,7 +303,7 @@ def test_records_without_instances_or_segmentations(real_root, cort, augment_onl
     np.testing.assert_array_equal(target["boxes"].numpy(), boxes_only.boxes)
     _, target = DetectionDataset([boxes_only], build_transforms(augment_only(hflip=1.0), True))[0]
     np.testing.assert_array_equal(target["boxes"].numpy(), [[654, 10, 694, 40], [0, 500, 14, 520]])
-    _, target = DetectionDataset([boxes_only], Pipeline([Shift(30, 0)], geometric=True))[0]
+    _, target = DetectionDataset([boxes_only], Shift(30, 0))[0]
     assert target["labels"].tolist() == [1]  # the box pushed out is dropped
     with pytest.raises(DataError, match="no segmentations"):
         DetectionDataset([boxes_only], with_masks=True)[0]

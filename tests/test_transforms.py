@@ -1,6 +1,9 @@
-"""Augmentation pipeline: config parsing, image-only ops, label layers, determinism."""
+"""Augmentation pipeline: config parsing, the ops (border modes, blurs), label layers, determinism."""
 
 from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -9,12 +12,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 
+from cellmask.config import load_config
+from cellmask.data.augment import AffineParams, Flip, ShiftScaleRotate
 from cellmask.data.images import read_image
+from cellmask.data.photometric import Blur, BlurChoice, BrightnessContrast
 from cellmask.data.transforms import (
     DEFAULT_AUGMENT,
-    MedianBlur,
     Pipeline,
     apply_transforms,
     build_transforms,
@@ -25,42 +29,49 @@ from cellmask.data.transforms import (
 
 torch.set_num_threads(1)
 
+BASE = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
-def test_default_pipeline_is_the_papers():
+
+def test_default_pipeline_is_the_authors():
     train = build_transforms(None, train=True)
-    assert isinstance(train, Pipeline) and isinstance(train, v2.Compose) and train.geometric
-    names = [
-        type(t.transforms[0]).__name__ if isinstance(t, v2.RandomApply) else type(t).__name__
-        for t in train.transforms
+    assert isinstance(train, Pipeline) and train.geometric
+    assert [type(op).__name__ for op in train.ops] == [
+        "Flip",
+        "ShiftScaleRotate",
+        "BrightnessContrast",
+        "Blur",
     ]
-    assert names == [
-        "RandomHorizontalFlip",
-        "RandomVerticalFlip",
-        "RandomAffine",
-        "ColorJitter",
-        "GaussianBlur",
-        "MedianBlur",
-    ]
-    assert [t.p for t in train.transforms] == [0.5, 0.5, 0.5, 0.5, 0.1, 0.1]
-    affine = train.transforms[2].transforms[0]
-    assert list(affine.degrees) == [-45.0, 45.0] and tuple(affine.translate) == (0.0625, 0.0625)
-    assert tuple(affine.scale) == pytest.approx((0.9, 1.1))
-    assert build_transforms({}, train=True).transforms.__len__() == 6
-    # evaluation: resize only, identity without a size
+    flip, ssr, bc, blur = train.ops
+    assert (flip.axis, flip.p) == ("horizontal", 0.5)  # no vertical flip by default
+    assert (ssr.p, ssr.shift, ssr.scale, ssr.rotate, ssr.border) == (0.4, 0.0625, 0.15, 15.0, "reflect")
+    assert (bc.p, bc.brightness, bc.contrast) == (0.5, 0.2, 0.2)
+    assert blur.gaussian == BlurChoice(0.2, (3, 5, 7), (0.0, 0.0)) and blur.median == BlurChoice(
+        0.2, (3, 5, 7)
+    )
+    assert len(build_transforms({}, train=True).ops) == 4
+    # evaluation: resize only, empty without a size
     ev = build_transforms(DEFAULT_AUGMENT, train=False)
-    assert not ev.geometric and [type(t).__name__ for t in ev.transforms] == ["Identity"]
+    assert not ev.geometric and ev.ops == []
     ev = build_transforms({"resize": [256, 320]}, train=False)
-    assert ev.geometric and [type(t).__name__ for t in ev.transforms] == ["Resize"]
+    assert ev.geometric and [type(op).__name__ for op in ev.ops] == ["Resize"]
+
+
+def test_base_yaml_states_the_defaults_and_the_demo_profile_builds():
+    assert load_config(BASE)["augment"] == DEFAULT_AUGMENT  # one set of values, stated in both
+    demo = build_transforms(load_config(BASE, "demo")["augment"], train=True)
+    assert [(type(op).__name__, op.axis) for op in demo.ops] == [("Flip", "horizontal"), ("Flip", "vertical")]
 
 
 def test_partial_sections_merge_and_switch_off(augment_only):
     p = build_transforms(augment_only(shift_scale_rotate={"p": 1.0, "rotate": 10}), train=True)
-    (affine,) = p.transforms  # p == 1: no RandomApply wrapper
-    assert isinstance(affine, v2.RandomAffine) and list(affine.degrees) == [-10.0, 10.0]
-    assert tuple(affine.translate) == (0.0625, 0.0625)  # default kept
+    (ssr,) = p.ops
+    assert isinstance(ssr, ShiftScaleRotate) and ssr.rotate == 10 and ssr.p == 1.0
+    assert ssr.shift == 0.0625 and ssr.border == "reflect"  # defaults kept
     photometric = build_transforms(augment_only(brightness_contrast={"p": 1}, median_blur={"p": 0.3}), True)
-    assert not photometric.geometric and len(photometric.transforms) == 2
-    assert not build_transforms(augment_only(gaussian_blur={"p": 0}), True).geometric
+    assert not photometric.geometric and len(photometric.ops) == 2
+    (blur,) = build_transforms(augment_only(median_blur={"p": 0.3, "kernel": 5}), True).ops
+    assert blur.gaussian is None and blur.median == BlurChoice(0.3, (5,))
+    assert build_transforms(augment_only(gaussian_blur={"p": 0}), True).ops == []
 
 
 @pytest.mark.parametrize(
@@ -69,7 +80,13 @@ def test_partial_sections_merge_and_switch_off(augment_only):
         {"hlfip": 0.5},
         {"hflip": 1.5},
         {"shift_scale_rotate": {"p": 0.5, "rotation": 3}},
+        {"shift_scale_rotate": {"border": "wrap"}},
         {"median_blur": {"p": -0.1}},
+        {"median_blur": {"kernel": 4}},
+        {"median_blur": {"kernel": [3, 8]}},
+        {"gaussian_blur": {"kernel": [7, 3]}},
+        {"gaussian_blur": {"sigma": [2.0, 1.0]}},
+        {"gaussian_blur": {"p": 0.6}, "median_blur": {"p": 0.6}},  # one of two: at most 1 in all
         {"resize": [520]},
         {"resize": 512},
         {"gaussian_blur": 0.3},
@@ -80,21 +97,88 @@ def test_bad_config_raises(cfg):
         build_transforms(cfg, train=True)
 
 
-def test_median_blur_matches_opencv_and_leaves_masks(real_records):
+def test_blur_is_one_of_two_with_odd_kernels_drawn_uniformly():
+    blur = build_transforms(None, train=True).ops[-1]
+    torch.manual_seed(0)
+    draws = [blur.draw() for _ in range(4000)]
+    kinds = Counter(d[0] if d else None for d in draws)
+    # albumentations OneOf([GaussianBlur, MedianBlur], p=0.4): 0.2 each, never both, 0.6 none
+    assert abs(kinds["gaussian"] / 4000 - 0.2) < 0.025 and abs(kinds["median"] / 4000 - 0.2) < 0.025
+    assert abs(kinds[None] / 4000 - 0.6) < 0.03
+    for kind in ("gaussian", "median"):
+        sizes = Counter(d[1] for d in draws if d and d[0] == kind)
+        assert set(sizes) == {3, 5, 7} and min(sizes.values()) > 0.25 * kinds[kind]
+    # a fixed size stays fixed
+    fixed = Blur(BlurChoice(1.0, (5,), (1.0, 2.0)), None)
+    assert {fixed.draw()[1] for _ in range(20)} == {5}
+
+
+def test_blurs_are_opencvs(real_records):
     image = read_image(real_records[2].path)[:64, :96]
-    mask = tv_tensors.Mask(torch.randint(0, 5, (2, 64, 96), dtype=torch.int32))
-    out_image, out_mask = MedianBlur(5)(tv_tensors.Image(torch.from_numpy(image)[None]), mask)
-    assert isinstance(out_image, tv_tensors.Image) and out_image.dtype == torch.uint8
-    np.testing.assert_array_equal(out_image[0].numpy(), cv2.medianBlur(image, 5))
-    assert out_mask is mask or torch.equal(out_mask, mask)
-    # plain tensors and float images too
-    plain = MedianBlur(3)(torch.from_numpy(image)[None])
-    np.testing.assert_array_equal(plain[0].numpy(), cv2.medianBlur(image, 3))
-    as_float = MedianBlur(3)(torch.from_numpy(image)[None].float() / 255)
+    planes = torch.from_numpy(image)[None]
+    blur = Blur(BlurChoice(0.5, (3, 5, 7)), BlurChoice(0.5, (3, 5, 7)))
+    for k in (3, 7):
+        out = blur.image(planes, ("median", k, 0.0))
+        assert out.dtype == torch.uint8
+        np.testing.assert_array_equal(out[0].numpy(), cv2.medianBlur(image, k))
+        # sigma 0: OpenCV's kernel for the size (albumentations' GaussianBlur(blur_limit=7) default)
+        kernel = cv2.getGaussianKernel(k, 0)
+        expected = cv2.filter2D(
+            image.astype(np.float64), -1, kernel @ kernel.T, borderType=cv2.BORDER_REFLECT_101
+        )
+        got = blur.image(planes, ("gaussian", k, 0.0))[0].numpy().astype(np.float64)
+        assert np.abs(got - expected).max() <= 1.0
+        assert np.abs(got - image).mean() > 1.0
+    as_float = blur.image(planes.float() / 255, ("median", 3, 0.0))
     assert as_float.dtype == torch.float32
     np.testing.assert_allclose(as_float[0].numpy() * 255, cv2.medianBlur(image, 3), atol=0.51)
-    with pytest.raises(ValueError):
-        MedianBlur(4)
+
+
+def test_brightness_contrast_is_albumentations_formula():
+    image = torch.arange(0, 256, dtype=torch.uint8).reshape(1, 16, 16)
+    out = BrightnessContrast(1.0, 0.2, 0.3).image(image, (1.25, -0.2))
+    expected = np.clip(np.arange(256) * 1.25 - 51, 0, 255).round().reshape(1, 16, 16)
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def _textured(height=32, width=48, seed=0):
+    return np.random.default_rng(seed).integers(60, 250, (height, width), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("border", ["reflect", "constant"])
+def test_shift_scale_rotate_border(border):
+    image = _textured()
+    ones = torch.ones((1, 32, 48), dtype=torch.int32)
+    op = ShiftScaleRotate(1.0, 0.25, 0.0, 0.0, border=border, fill=7)
+    shift = AffineParams(angle=0.0, scale=1.0, dx=0.25, dy=0.0)  # 12 px to the right
+    out = op.image(torch.from_numpy(image)[None], shift)[0].numpy()
+    np.testing.assert_array_equal(out[:, 12:], image[:, :-12])
+    if border == "reflect":  # cv2.BORDER_REFLECT_101 = numpy's "reflect": edge column not repeated
+        np.testing.assert_array_equal(out[:, :12], np.pad(image, ((0, 0), (12, 0)), mode="reflect")[:, :12])
+    else:
+        assert (out[:, :12] == 7).all()
+    mask = op.layers(ones, shift)[0].numpy()
+    assert (mask[:, :12] == 0).all() and (mask[:, 12:] == 1).all()  # masks are never reflected
+    # a rotation uncovers the corners: mirrored image content or the fill; masks 0 there
+    turn = AffineParams(angle=30.0, scale=1.0, dx=0.0, dy=0.0)
+    out = op.image(torch.from_numpy(image)[None], turn)[0].numpy()
+    mask = op.layers(ones, turn)[0].numpy()
+    corners = np.s_[[0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (mask[corners] == 0).all() and mask[16, 24] == 1
+    if border == "reflect":
+        assert (out[corners] >= 60).all()
+    else:
+        assert (out[corners] == 7).all()
+
+
+def test_flip_and_affine_keep_other_inputs_and_structure():
+    image = tv_tensors.Image(torch.from_numpy(_textured())[None])
+    labels = torch.tensor([3, 4])
+    out = Pipeline([Flip("horizontal", 1.0)])({"image": image, "labels": labels})
+    assert isinstance(out["image"], tv_tensors.Image) and out["labels"] is labels
+    np.testing.assert_array_equal(out["image"][0].numpy(), image[0].numpy()[:, ::-1])
+    plain = Pipeline([Flip("vertical", 1.0)])(image.as_subclass(torch.Tensor))
+    assert type(plain) is torch.Tensor and torch.equal(plain, image.as_subclass(torch.Tensor).flip(-2))
 
 
 def test_pipeline_is_deterministic_under_a_seed(real_records):

@@ -6,14 +6,21 @@ normalises), ``target = {"boxes": float32 [N, 4] xyxy pixels, "labels": int64 [N
 "image_id": int (dataset index), "masks": uint8 [N, H, W] (only with_masks)}``. Records of
 either reader work (competition RLE or LIVECell polygons).
 
-Boxes and augmentation: when the transform pipeline moves pixels (``pipeline.geometric``; any
-transform without that attribute is assumed to), the instance masks are decoded, packed into
-label layers (:func:`cellmask.data.transforms.layers_from_indices`), warped with the image, and
-the boxes are the tight pixel-edge boxes of the warped masks (so a rotated cell gets a tight
-box, not the box of a rotated box). Otherwise the records' own boxes are used and masks are
-only decoded for ``with_masks``. Instances smaller than ``min_area`` pixels (where masks were
-decoded) or with a box side below ``min_size`` pixels are dropped together with their labels;
-an image may end up with ``boxes`` of shape ``[0, 4]``.
+Boxes and augmentation (lazy mask decoding): a :class:`~cellmask.data.transforms.Pipeline`
+first draws the sample's :class:`~cellmask.data.transforms.Plan`. All instance masks are decoded
+(packed into label layers, :mod:`cellmask.data.layers`, and warped with the image) only when the
+plan rotates or ``with_masks`` asks for them; the boxes are then the tight pixel-edge boxes of
+the warped masks (a rotated cell gets a tight box, not the box of a rotated box). Any other
+plan (flips, scaling, shifts, resizing) maps the records' boxes, and decodes only the cells
+whose box rows/columns it does not all sample (cut by the image border, or shrunk past an
+extreme row/column) to give them their exact tight box (:mod:`cellmask.data.sampling`). The
+boxes are therefore the same with and without ``with_masks``: the warped masks' tight boxes
+(for records whose boxes are mask-tight, as the competition's; LIVECell keeps its COCO boxes
+where no mask is decoded). A transform that is not a ``Pipeline`` is called on the whole
+sample; if it may move pixels (its ``geometric`` attribute, assumed True when absent) every
+mask is decoded and the boxes come from them. Instances smaller than ``min_area`` pixels
+(where their masks were decoded) or with a box side below ``min_size`` pixels are dropped
+together with their labels; an image may end up with ``boxes`` of shape ``[0, 4]``.
 
 :class:`UnlabeledDataset` yields ``(image, index)`` for unlabeled (Soft Teacher) and test
 images; :func:`collate` batches either into lists.
@@ -30,9 +37,10 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from cellmask.data.images import read_image
+from cellmask.data.layers import layers_from_indices, layers_to_boxes, layers_to_masks
 from cellmask.data.records import ImageRecord
-from cellmask.data.rle import rle_to_runs, runs_to_indices
-from cellmask.data.transforms import layers_from_indices, layers_to_boxes, layers_to_masks
+from cellmask.data.sampling import SampledBoxes
+from cellmask.data.transforms import Pipeline, Plan
 from cellmask.errors import DataError
 
 __all__ = ["DetectionDataset", "ImageSource", "UnlabeledDataset", "collate", "image_to_tensor"]
@@ -94,10 +102,9 @@ class ImageSource:
 
 
 def instance_indices(record: ImageRecord, i: int) -> np.ndarray:
-    """Flat row-major pixel indices of instance ``i`` (RLE: straight from the runs)."""
-    if record.seg_format == "rle":
-        return runs_to_indices(*rle_to_runs(record.segmentations[i], record.height, record.width))
-    return np.flatnonzero(record.mask(i))
+    """Sorted flat row-major pixel indices of instance ``i`` (:meth:`ImageRecord.indices`: RLE
+    from its runs, polygons from their run-length rasterisation; never an ``H x W`` mask)."""
+    return record.indices(i)
 
 
 class DetectionDataset(Dataset):
@@ -105,9 +112,10 @@ class DetectionDataset(Dataset):
 
     Args:
         records: annotated records (competition or LIVECell).
-        transforms: a :func:`cellmask.data.transforms.build_transforms` pipeline, any v2
-            transform taking ``{"image": tv_tensors.Image, "layers": tv_tensors.Mask,
-            "boxes": tv_tensors.BoundingBoxes}`` (only the keys present), or None.
+        transforms: a :func:`cellmask.data.transforms.build_transforms` pipeline (masks decoded
+            only for rotated samples, see the module doc), any other v2 transform taking
+            ``{"image": tv_tensors.Image, "layers": tv_tensors.Mask, "boxes":
+            tv_tensors.BoundingBoxes}`` (only the keys present), or None.
         with_masks: add ``"masks"`` uint8 ``[N, H, W]`` to the target (mask models).
         image_cache: keep decoded images in memory (per process: each DataLoader worker has
             its own cache).
@@ -176,42 +184,46 @@ class DetectionDataset(Dataset):
         has_segs = record.seg_format != "none"
         if self.with_masks and n and not has_segs:
             raise DataError(f"record {record.image_id}: with_masks=True but the record has no segmentations")
-        geometric = self.transforms is not None and getattr(self.transforms, "geometric", True)
+        transforms = self.transforms
+        plan = transforms.plan() if isinstance(transforms, Pipeline) else None
+        if plan is not None:
+            geometric, rotates = plan.geometric, plan.rotates
+        else:  # no transform, or a foreign one: boxes from the masks whenever it may move pixels
+            geometric = transforms is not None and getattr(transforms, "geometric", True)
+            rotates = geometric
 
+        decode = n > 0 and has_segs and (self.with_masks or rotates)
+        boxes_from_layers = decode and geometric
         sample: dict[str, Any] = {"image": image}
-        layers_needed = n > 0 and has_segs and (geometric or self.with_masks)
-        if layers_needed:
-            indices = [instance_indices(record, i) for i in range(n)]
-            layers = layers_from_indices(indices, record.height, record.width)
+        if decode:
+            layers = layers_from_indices(
+                [instance_indices(record, i) for i in range(n)], record.height, record.width
+            )
             sample["layers"] = tv_tensors.Mask(torch.from_numpy(layers))
-        elif n > 0 and geometric:
+        if n > 0 and geometric and not boxes_from_layers:
             sample["boxes"] = tv_tensors.BoundingBoxes(
-                torch.as_tensor(record.boxes, dtype=torch.float32),
+                torch.as_tensor(record.boxes, dtype=torch.float32).reshape(-1, 4),
                 format="XYXY",
                 canvas_size=(record.height, record.width),
             )
-        if self.transforms is not None:
-            sample = self.transforms(sample)
+        if plan is not None:
+            sample = transforms.apply(sample, plan)
+        elif transforms is not None:
+            sample = transforms(sample)
         out_image = sample["image"].as_subclass(torch.Tensor)
         height, width = out_image.shape[-2:]
 
-        masks = None
-        if layers_needed:
-            if geometric:
-                boxes, areas = layers_to_boxes(sample["layers"], n)
-            else:
-                boxes = torch.as_tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
-                areas = None
-            if self.with_masks:
-                masks = layers_to_masks(sample["layers"], n)
-                if areas is None:
-                    areas = masks.flatten(1).sum(1)
+        areas = None
+        if decode:
+            layer_boxes, areas = layers_to_boxes(sample["layers"], n)
+        if boxes_from_layers:
+            boxes = layer_boxes
         elif "boxes" in sample:
             boxes = sample["boxes"].as_subclass(torch.Tensor).to(torch.float32)
-            areas = None
+            if plan is not None and has_segs:  # a non-rotating plan: fix the cells it cuts
+                boxes, areas = _sampled_boxes(record, plan, boxes)
         else:
             boxes = torch.as_tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
-            areas = None
 
         keep = labels > 0
         keep &= (boxes[:, 2] - boxes[:, 0] >= self.min_size) & (boxes[:, 3] - boxes[:, 1] >= self.min_size)
@@ -224,11 +236,33 @@ class DetectionDataset(Dataset):
         }
         if self.with_masks:
             target["masks"] = (
-                masks[keep].contiguous()
-                if masks is not None
+                layers_to_masks(sample["layers"], n)[keep].contiguous()
+                if decode
                 else torch.zeros((0, height, width), dtype=torch.uint8)
             )
         return image_to_tensor(out_image), target
+
+
+def _sampled_boxes(record: ImageRecord, plan: Plan, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact boxes of a record under a non-rotating plan, from the mapped ``boxes`` ``[N, 4]``:
+    instances whose box rows/columns are only partly sampled (cut by the border, or shrunk past
+    their extreme row/column) are decoded and get their warped tight box and area
+    (:class:`cellmask.data.sampling.SampledBoxes`); hidden ones get area 0; the others keep
+    their mapped box.
+
+    Returns:
+        ``(boxes float32 [N, 4], areas int64 [N])``, areas the int64 maximum where not known.
+    """
+    sampled = SampledBoxes(plan, (record.height, record.width))
+    covered, hidden = sampled.coverage(record.boxes)
+    redo = np.flatnonzero(~covered & ~hidden)
+    areas = torch.full((len(boxes),), torch.iinfo(torch.int64).max, dtype=torch.int64)
+    areas[torch.from_numpy(hidden)] = 0
+    if len(redo):
+        boxes = boxes.clone()
+        exact, exact_areas = sampled.pixel_boxes([instance_indices(record, int(i)) for i in redo])
+        boxes[redo], areas[redo] = exact, exact_areas
+    return boxes, areas
 
 
 class UnlabeledDataset(Dataset):

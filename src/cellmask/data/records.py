@@ -14,7 +14,10 @@ from typing import Literal
 
 import numpy as np
 
-from cellmask.data.rle import rle_decode
+from cellmask.data.polygons import polygon_indices, polygons_to_mask
+from cellmask.data.rle import rle_decode, rle_to_runs, runs_to_indices
+
+__all__ = ["ImageRecord", "SegFormat", "polygons_to_mask"]
 
 SegFormat = Literal["rle", "polygon", "none"]
 
@@ -64,6 +67,16 @@ class ImageRecord:
             return polygons_to_mask(self.segmentations[i], self.height, self.width)
         raise ValueError(f"record {self.image_id} has no segmentations")
 
+    def indices(self, i: int) -> np.ndarray:
+        """Instance ``i`` as sorted int64 flat row-major pixel indices (``y * W + x``), without an
+        ``H x W`` mask: RLE straight from its runs, polygons from their run-length rasterisation
+        (:func:`cellmask.data.polygons.polygon_indices`, exactly pycocotools' pixels)."""
+        if self.seg_format == "rle":
+            return runs_to_indices(*rle_to_runs(self.segmentations[i], self.height, self.width))
+        if self.seg_format == "polygon":
+            return polygon_indices(self.segmentations[i], self.height, self.width)
+        raise ValueError(f"record {self.image_id} has no segmentations")
+
     def masks(self) -> np.ndarray:
         """All instances as a bool ``[N, H, W]`` stack (decoded now, not cached)."""
         out = np.zeros((len(self), self.height, self.width), dtype=bool)
@@ -78,14 +91,3 @@ class ImageRecord:
         from cellmask.data.rle import rle_encode
 
         return [rle_encode(self.mask(i)) for i in range(len(self))]
-
-
-def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
-    """Rasterise COCO polygons (``[[x0, y0, x1, y1, ...], ...]``) to a bool ``[H, W]`` mask.
-
-    Uses pycocotools, i.e. exactly how LIVECell's own evaluation rasterises them.
-    """
-    from pycocotools import mask as mask_utils
-
-    rles = mask_utils.frPyObjects(polygons, height, width)
-    return mask_utils.decode(mask_utils.merge(rles)).astype(bool)

@@ -1,66 +1,69 @@
-"""Detector augmentations (paper, section 5.3) on ``torchvision.transforms.v2`` and ``tv_tensors``.
+"""Detector augmentations (paper, section 5.3; values from the authors' albumentations configs).
 
-:func:`build_transforms` turns the config's ``augment`` section into a :class:`Pipeline`: a
-``v2.Compose`` that transforms an image (``tv_tensors.Image``), its instance masks
-(``tv_tensors.Mask``) and, for records without masks, its boxes (``tv_tensors.BoundingBoxes``)
-consistently. Every random draw (probabilities included) comes from torch's RNG, so a
-``torch.manual_seed`` makes a pipeline reproducible.
+:func:`build_transforms` turns the config's ``augment`` section into a :class:`Pipeline` of the
+ops in :mod:`cellmask.data.augment` (geometric) and :mod:`cellmask.data.photometric`. A
+pipeline first draws a :class:`Plan` (every random parameter of one sample, from torch's global
+RNG, so ``torch.manual_seed`` or a per-item seed makes it reproducible), then applies it to an
+image, its instance masks (``tv_tensors.Mask``: label layers or binary masks) and its boxes
+(``tv_tensors.BoundingBoxes``). The plan tells a dataset whether this sample rotates, i.e.
+whether it must decode every mask to get tight boxes.
 
-Config keys (``augment:``; a missing key takes the paper's default below, a nested mapping
-only overrides the fields it names, ``null``/``false``/``0`` switches an op off)::
+Config keys (``augment:``; a missing key takes the default below, :data:`DEFAULT_AUGMENT`; a
+nested mapping only overrides the fields it names; ``null``/``false``/``0`` switches an op off)::
 
     augment:
       hflip: 0.5                  # probability of a horizontal flip
-      vflip: 0.5                  # probability of a vertical flip
-      shift_scale_rotate:         # v2.RandomAffine, applied with probability p
+      vflip: 0.0                  # probability of a vertical flip
+      shift_scale_rotate:         # albumentations ShiftScaleRotate (OpenCV warp), probability p
+        p: 0.4
+        shift: 0.0625             # shift drawn from [-shift, shift] x width/height
+        scale: 0.15               # scale factor drawn from [1 - scale, 1 + scale]
+        rotate: 15                # angle drawn from [-rotate, rotate] degrees
+        border: reflect           # reflect (cv2.BORDER_REFLECT_101) | constant (masks: always 0)
+        fill: 0                   # gray value of the uncovered area when border is constant
+      brightness_contrast:        # albumentations RandomBrightnessContrast, probability p
         p: 0.5
-        shift: 0.0625             # max translation, fraction of width/height
-        scale: 0.1                # scale factor drawn from [1 - scale, 1 + scale]
-        rotate: 45                # angle drawn from [-rotate, rotate] degrees
-        fill: 0                   # gray value of the uncovered image area (masks: 0)
-      brightness_contrast:        # v2.ColorJitter (image only), applied with probability p
-        p: 0.5
-        brightness: 0.2           # factor from [1 - brightness, 1 + brightness]
-        contrast: 0.2             # factor from [1 - contrast, 1 + contrast]
-      gaussian_blur:              # v2.GaussianBlur (image only), applied with probability p
-        p: 0.1
-        kernel: 5                 # odd kernel size
-        sigma: [0.1, 2.0]         # sigma drawn from this range
-      median_blur:                # cv2.medianBlur (image only), applied with probability p
-        p: 0.1
-        kernel: 5                 # odd kernel size
+        brightness: 0.2           # + U(-brightness, brightness) x 255
+        contrast: 0.2             # x (1 + U(-contrast, contrast))
+      gaussian_blur:              # cv2.GaussianBlur, probability p (one of the two blurs)
+        p: 0.2
+        kernel: [3, 7]            # odd size drawn uniformly from 3..7; an int is a fixed size
+        sigma: 0                  # 0: OpenCV's kernel for the size; [lo, hi]: drawn; x: fixed
+      median_blur:                # cv2.medianBlur, probability p (one of the two blurs)
+        p: 0.2
+        kernel: [3, 7]
       resize: null                # [H, W]: resize every image (train and eval) to this size
 
-Order: resize, flips, shift-scale-rotate, brightness/contrast, Gaussian blur, median blur.
-Training uses all of them; evaluation (``train=False``) only ``resize`` (an identity pipeline
-when no size is configured).
+The two blurs are alternatives: one uniform draw picks the Gaussian with probability
+``gaussian_blur.p``, the median with ``median_blur.p``, else neither (the two must add up to at
+most 1). The authors' ``OneOf([GaussianBlur(blur_limit=7), MedianBlur(blur_limit=7)], p=0.4)``
+is therefore exactly ``p: 0.2`` each; two keys keep a profile able to switch one off alone.
 
-Instance masks travel through the pipeline packed as a few non-overlapping *label layers*
-(:func:`masks_to_layers`): an ``int32 [L, H, W]`` ``tv_tensors.Mask`` where instance ``i`` is
-the value ``i + 1`` in exactly one layer. Nearest-neighbour warping of a label image equals
-warping each binary mask, but costs ``L`` (typically 1-4) planes instead of ``N`` (up to ~500 on
-competition images). :func:`layers_to_masks` and :func:`layers_to_boxes` unpack them; boxes of
-warped masks are their tight pixel-edge boxes. :func:`apply_transforms` wraps all of this for
-callers that hold a plain ``[N, H, W]`` mask stack (e.g. the segmenter's training data).
+Order: resize, flips, shift-scale-rotate, brightness/contrast, blur. Training uses all of them;
+evaluation (``train=False``) only ``resize`` (an empty pipeline when no size is configured).
+:func:`apply_transforms` wraps all of this for callers that hold a plain ``[N, H, W]`` mask
+stack. The label-layer helpers live in :mod:`cellmask.data.layers` (re-exported here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torchvision import tv_tensors
-from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
+
+from cellmask.data.augment import Flip, Op, Resize, ShiftScaleRotate
+from cellmask.data.layers import layers_from_indices, layers_to_boxes, layers_to_masks, masks_to_layers
+from cellmask.data.photometric import Blur, BlurChoice, BrightnessContrast
 
 __all__ = [
     "DEFAULT_AUGMENT",
-    "MedianBlur",
     "Pipeline",
-    "Resize",
+    "Plan",
     "apply_transforms",
     "build_transforms",
     "layers_from_indices",
@@ -71,80 +74,143 @@ __all__ = [
 
 DEFAULT_AUGMENT: dict[str, Any] = {
     "hflip": 0.5,
-    "vflip": 0.5,
-    "shift_scale_rotate": {"p": 0.5, "shift": 0.0625, "scale": 0.1, "rotate": 45, "fill": 0},
+    "vflip": 0.0,
+    "shift_scale_rotate": {
+        "p": 0.4,
+        "shift": 0.0625,
+        "scale": 0.15,
+        "rotate": 15,
+        "border": "reflect",
+        "fill": 0,
+    },
     "brightness_contrast": {"p": 0.5, "brightness": 0.2, "contrast": 0.2},
-    "gaussian_blur": {"p": 0.1, "kernel": 5, "sigma": [0.1, 2.0]},
-    "median_blur": {"p": 0.1, "kernel": 5},
+    "gaussian_blur": {"p": 0.2, "kernel": [3, 7], "sigma": 0},
+    "median_blur": {"p": 0.2, "kernel": [3, 7]},
     "resize": None,
 }
-"""The paper's augmentations (section 5.3); the defaults of :func:`build_transforms`."""
+"""The authors' augmentations (see ``configs/base.yaml``, which states the same values with their
+sources); the defaults of :func:`build_transforms`."""
 
 
-def _is_plain_tensor(x: Any) -> bool:
-    return type(x) is torch.Tensor
+@dataclass(frozen=True)
+class Plan:
+    """One sample's draws: the ops that apply this time, each with its parameters, in order."""
+
+    steps: tuple[tuple[Op, Any], ...]
+
+    @property
+    def geometric(self) -> bool:
+        """True when some drawn op moves pixels."""
+        return any(op.geometric for op, _ in self.steps)
+
+    @property
+    def rotates(self) -> bool:
+        """True when some drawn op rotates: tight boxes then need the warped masks."""
+        return any(op.rotates(params) for op, params in self.steps)
 
 
-class MedianBlur(v2.Transform):
-    """Median blur with OpenCV (``cv2.medianBlur``) on the image only; masks and boxes pass through.
-
-    Works on ``tv_tensors.Image`` (or a plain tensor image) ``[C, H, W]`` of any dtype: non-uint8
-    images are blurred in uint8 and converted back. Wrap it in ``v2.RandomApply`` for a
-    probability (torch RNG).
-    """
-
-    _transformed_types = (tv_tensors.Image, _is_plain_tensor)
-
-    def __init__(self, kernel_size: int = 5) -> None:
-        super().__init__()
-        if kernel_size < 3 or kernel_size % 2 == 0:
-            raise ValueError(f"median blur kernel must be an odd integer >= 3, got {kernel_size}")
-        self.kernel_size = int(kernel_size)
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        image = inpt.as_subclass(torch.Tensor)
-        dtype = image.dtype
-        if dtype != torch.uint8:
-            image = F.to_dtype(image, torch.uint8, scale=True)
-        squeeze = image.ndim == 2
-        planes = image[None] if squeeze else image.reshape(-1, *image.shape[-2:])
-        out = np.stack([cv2.medianBlur(np.ascontiguousarray(p.numpy()), self.kernel_size) for p in planes])
-        result = torch.from_numpy(out)
-        result = result[0] if squeeze else result.reshape(image.shape)
-        if dtype != torch.uint8:
-            result = F.to_dtype(result, dtype, scale=True)
-        return tv_tensors.wrap(result, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else result
-
-
-class Resize(v2.Resize):
-    """``v2.Resize`` whose masks use ``NEAREST_EXACT`` (pixel-centre aligned) instead of ``NEAREST``.
-
-    torch's legacy ``nearest`` samples ``floor(x' * scale)``, which shifts masks by up to one
-    source pixel towards the origin; ``nearest-exact`` samples pixel centres, so a resized mask's
-    tight box is the scaled box rounded to whole pixels.
-    """
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if isinstance(inpt, tv_tensors.Mask):
-            return F.resize(inpt, self.size, interpolation=InterpolationMode.NEAREST_EXACT, antialias=False)
-        return super().transform(inpt, params)
-
-
-class Pipeline(v2.Compose):
-    """A ``v2.Compose`` that knows whether it moves pixels.
+class Pipeline:
+    """A sequence of :class:`~cellmask.data.augment.Op` that draws a :class:`Plan`, then applies it.
 
     Attributes:
-        geometric: True when some op (flip, affine, resize) can move pixels, i.e. boxes must be
-            recomputed from the transformed masks; False for photometric-only or empty pipelines.
+        ops: the ops, in order.
+        geometric: True when some op can move pixels (boxes must then be transformed too).
 
-    Called like any v2 transform: ``pipeline(image)``, ``pipeline(image, masks)`` or
-    ``pipeline({"image": ..., "layers": ...})``; the structure comes back unchanged. An empty
-    pipeline returns its inputs.
+    Called like a torchvision v2 transform, ``pipeline(image)``, ``pipeline(image, masks)`` or
+    ``pipeline({"image": ..., "layers": ..., "boxes": ...})``, it draws a plan and applies it:
+    the structure comes back unchanged, ``tv_tensors.Image`` (or, without one, the first plain
+    tensor) as an image, ``tv_tensors.Mask`` as masks, ``tv_tensors.BoundingBoxes`` as boxes,
+    anything else untouched. :meth:`plan` and :meth:`apply` do the two steps separately.
     """
 
-    def __init__(self, transforms: Sequence[Callable], geometric: bool) -> None:
-        super().__init__(list(transforms) or [v2.Identity()])
-        self.geometric = geometric
+    def __init__(self, ops: Sequence[Op]) -> None:
+        self.ops = list(ops)
+        self.geometric = any(op.geometric for op in self.ops)
+
+    def plan(self) -> Plan:
+        """Draw every op's parameters for one sample (torch's global RNG, in op order)."""
+        steps = []
+        for op in self.ops:
+            params = op.draw()
+            if params is not None:
+                steps.append((op, params))
+        return Plan(tuple(steps))
+
+    def apply(self, inputs: Any, plan: Plan) -> Any:
+        """Apply a drawn plan to ``inputs`` (a single item, a tuple/list or a mapping of items)."""
+        if isinstance(inputs, Mapping):
+            keys, values = list(inputs), list(inputs.values())
+        elif isinstance(inputs, (tuple, list)):
+            keys, values = None, list(inputs)
+        else:
+            return _apply_all([inputs], plan)[0]
+        out = _apply_all(values, plan)
+        if keys is not None:
+            return dict(zip(keys, out, strict=True))
+        return type(inputs)(out)
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.apply(inputs if len(inputs) > 1 else inputs[0], self.plan())
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.ops!r})"
+
+
+def _apply_all(values: list[Any], plan: Plan) -> list[Any]:
+    has_image = any(isinstance(v, tv_tensors.Image) for v in values)
+    plain_image = (
+        None if has_image else next((i for i, v in enumerate(values) if type(v) is torch.Tensor), None)
+    )
+    sizes = [tuple(v.shape[-2:]) for v in values if isinstance(v, (tv_tensors.Image, tv_tensors.Mask))]
+    if plain_image is not None:
+        sizes.append(tuple(values[plain_image].shape[-2:]))
+    sizes += [tuple(v.canvas_size) for v in values if isinstance(v, tv_tensors.BoundingBoxes)]
+    out = []
+    for i, value in enumerate(values):
+        if isinstance(value, tv_tensors.Image) or i == plain_image:
+            out.append(_run(value, plan, "image"))
+        elif isinstance(value, tv_tensors.Mask):
+            out.append(_run(value, plan, "layers"))
+        elif isinstance(value, tv_tensors.BoundingBoxes):
+            out.append(_run_boxes(value, plan, sizes[0] if sizes else tuple(value.canvas_size)))
+        else:
+            out.append(value)
+    return out
+
+
+def _run(value: torch.Tensor, plan: Plan, kind: str) -> torch.Tensor:
+    """Image or masks ``[..., H, W]`` through the plan (reshaped to ``[C, H, W]`` for the ops)."""
+    x = value.as_subclass(torch.Tensor)
+    lead = x.shape[:-2]
+    x = x.reshape(-1, *x.shape[-2:])
+    for op, params in plan.steps:
+        x = getattr(op, kind)(x, params)
+    x = x.reshape(*lead, *x.shape[-2:])
+    return tv_tensors.wrap(x, like=value) if isinstance(value, tv_tensors.TVTensor) else x
+
+
+def _run_boxes(
+    value: tv_tensors.BoundingBoxes, plan: Plan, size: tuple[int, int]
+) -> tv_tensors.BoundingBoxes:
+    fmt = value.format
+    boxes = value.as_subclass(torch.Tensor).reshape(-1, 4)
+    if fmt != tv_tensors.BoundingBoxFormat.XYXY:
+        boxes = F.convert_bounding_box_format(
+            boxes, old_format=fmt, new_format=tv_tensors.BoundingBoxFormat.XYXY
+        )
+    boxes = boxes.to(torch.float32)
+    for op, params in plan.steps:
+        if op.geometric:
+            boxes = op.boxes(boxes, size, params)
+            size = op.out_size(size, params)
+    if fmt != tv_tensors.BoundingBoxFormat.XYXY:
+        boxes = F.convert_bounding_box_format(
+            boxes, old_format=tv_tensors.BoundingBoxFormat.XYXY, new_format=fmt
+        )
+    return tv_tensors.wrap(boxes.to(value.dtype), like=value, canvas_size=size)
+
+
+# --- config ----------------------------------------------------------------------------------------
 
 
 def _section(cfg: Mapping[str, Any], key: str) -> dict[str, Any] | None:
@@ -183,143 +249,81 @@ def _resize_size(cfg: Mapping[str, Any]) -> list[int] | None:
     return [int(size[0]), int(size[1])]
 
 
-def _maybe(transform: v2.Transform, p: float) -> v2.Transform:
-    return transform if p >= 1.0 else v2.RandomApply([transform], p=p)
+def _kernels(key: str, value: Any) -> tuple[int, ...]:
+    """``k`` -> ``(k,)``; ``[lo, hi]`` -> the odd sizes ``lo, lo + 2, ..., hi``."""
+    bounds = [value, value] if np.isscalar(value) else list(value)
+    if len(bounds) != 2 or any(int(b) != b or b < 3 or b % 2 == 0 for b in bounds) or bounds[0] > bounds[1]:
+        raise ValueError(
+            f"augment.{key}.kernel must be an odd int >= 3 or [lo, hi] of such, lo <= hi; got {value!r}"
+        )
+    return tuple(range(int(bounds[0]), int(bounds[1]) + 1, 2))
+
+
+def _sigma(key: str, value: Any) -> tuple[float, float]:
+    bounds = [value, value] if np.isscalar(value) else list(value)
+    if len(bounds) != 2 or bounds[0] < 0 or bounds[0] > bounds[1]:
+        raise ValueError(f"augment.{key}.sigma must be 0, a positive number or [lo, hi]; got {value!r}")
+    return float(bounds[0]), float(bounds[1])
+
+
+def _blur(cfg: Mapping[str, Any]) -> Blur | None:
+    gb, mb = _section(cfg, "gaussian_blur"), _section(cfg, "median_blur")
+    gaussian = median = None
+    if gb is not None:
+        gaussian = BlurChoice(
+            float(gb["p"]), _kernels("gaussian_blur", gb["kernel"]), _sigma("gaussian_blur", gb["sigma"])
+        )
+    if mb is not None:
+        median = BlurChoice(float(mb["p"]), _kernels("median_blur", mb["kernel"]))
+    if gaussian is None and median is None:
+        return None
+    try:
+        return Blur(gaussian, median)
+    except ValueError as exc:
+        raise ValueError(f"augment.gaussian_blur/median_blur: {exc}") from None
 
 
 def build_transforms(augment_cfg: Mapping[str, Any] | None, train: bool) -> Pipeline:
     """The augmentation pipeline of a config's ``augment`` section (keys: see the module doc).
 
     Args:
-        augment_cfg: the ``augment`` mapping; ``None`` or ``{}`` means the paper's defaults
-            (:data:`DEFAULT_AUGMENT`). Unknown keys raise ``ValueError``.
+        augment_cfg: the ``augment`` mapping; ``None`` or ``{}`` means the defaults
+            (:data:`DEFAULT_AUGMENT`). Unknown keys or bad values raise ``ValueError``.
         train: training pipeline (all ops) or evaluation pipeline (``resize`` only).
 
     Returns:
-        a :class:`Pipeline` (a ``v2.Compose``) for ``tv_tensors`` inputs: ``Image`` uint8
-        ``[1, H, W]`` (any dtype/channels work), ``Mask`` (label layers or binary masks),
-        ``BoundingBoxes``; plain tensors such as labels pass through untouched. Its
-        ``geometric`` attribute says whether boxes must be recomputed.
+        a :class:`Pipeline`: call it like a v2 transform, or draw a :meth:`Pipeline.plan` and
+        :meth:`Pipeline.apply` it. Its ``geometric`` attribute says whether it can move pixels.
     """
     cfg = dict(augment_cfg or {})
     unknown = set(cfg) - set(DEFAULT_AUGMENT)
     if unknown:
         raise ValueError(f"augment: unknown key(s) {sorted(unknown)}; expected {sorted(DEFAULT_AUGMENT)}")
-    ops: list[v2.Transform] = []
-    geometric = False
+    ops: list[Op] = []
     size = _resize_size(cfg)
     if size is not None:
-        ops.append(Resize(size, antialias=True))
-        geometric = True
+        ops.append(Resize((size[0], size[1])))
     if not train:
-        return Pipeline(ops, geometric)
-
-    for key, flip in (("hflip", v2.RandomHorizontalFlip), ("vflip", v2.RandomVerticalFlip)):
+        return Pipeline(ops)
+    for key, axis in (("hflip", "horizontal"), ("vflip", "vertical")):
         p = _probability(cfg, key)
         if p > 0:
-            ops.append(flip(p=p))
-            geometric = True
+            ops.append(Flip(axis, p))
     ssr = _section(cfg, "shift_scale_rotate")
     if ssr is not None:
-        shift, scale = float(ssr["shift"]), float(ssr["scale"])
-        affine = v2.RandomAffine(
-            degrees=float(ssr["rotate"]),
-            translate=(shift, shift) if shift > 0 else None,
-            scale=(1.0 - scale, 1.0 + scale) if scale > 0 else None,
-            interpolation=InterpolationMode.BILINEAR,
-            fill={tv_tensors.Image: ssr["fill"], tv_tensors.Mask: 0, "others": 0},
-        )
-        ops.append(_maybe(affine, float(ssr["p"])))
-        geometric = True
+        try:
+            ops.append(
+                ShiftScaleRotate(**{k: ssr[k] for k in ("p", "shift", "scale", "rotate", "border", "fill")})
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"augment.shift_scale_rotate: {exc}") from None
     bc = _section(cfg, "brightness_contrast")
     if bc is not None:
-        jitter = v2.ColorJitter(brightness=float(bc["brightness"]), contrast=float(bc["contrast"]))
-        ops.append(_maybe(jitter, float(bc["p"])))
-    gb = _section(cfg, "gaussian_blur")
-    if gb is not None:
-        sigma = gb["sigma"]
-        sigma = (float(sigma), float(sigma)) if np.isscalar(sigma) else tuple(float(s) for s in sigma)
-        ops.append(_maybe(v2.GaussianBlur(kernel_size=int(gb["kernel"]), sigma=sigma), float(gb["p"])))
-    mb = _section(cfg, "median_blur")
-    if mb is not None:
-        ops.append(_maybe(MedianBlur(int(mb["kernel"])), float(mb["p"])))
-    return Pipeline(ops, geometric)
-
-
-# --- instance masks as label layers ------------------------------------------------------------
-
-
-def layers_from_indices(indices: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
-    """Pack instances given as flat row-major pixel indices into non-overlapping label layers.
-
-    Greedy first fit: instance ``i`` becomes value ``i + 1`` in the first layer where none of its
-    pixels is taken (overlapping or duplicated instances go to later layers).
-
-    Returns:
-        int32 ``[L, H, W]`` (``L >= 1``; an instance without pixels appears nowhere).
-    """
-    layers: list[np.ndarray] = [np.zeros(height * width, dtype=np.int32)]
-    for i, idx in enumerate(indices):
-        if len(idx) == 0:
-            continue
-        for layer in layers:
-            if not layer[idx].any():
-                layer[idx] = i + 1
-                break
-        else:
-            layer = np.zeros(height * width, dtype=np.int32)
-            layer[idx] = i + 1
-            layers.append(layer)
-    return np.stack(layers).reshape(len(layers), height, width)
-
-
-def masks_to_layers(masks: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Pack a ``[N, H, W]`` bool/0-1 mask stack into int32 label layers ``[L, H, W]`` (see above)."""
-    masks = masks.numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    if masks.ndim != 3:
-        raise ValueError(f"masks must be [N, H, W], got shape {masks.shape}")
-    flat = masks.reshape(len(masks), masks.shape[1] * masks.shape[2])
-    return layers_from_indices([np.flatnonzero(m) for m in flat], masks.shape[1], masks.shape[2])
-
-
-def _layer_pixels(layers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(instance index, y, x)`` of every labelled pixel of the layers (int64 each)."""
-    height, width = layers.shape[-2:]
-    flat = layers.reshape(-1)
-    nz = torch.nonzero(flat, as_tuple=True)[0]
-    ids = flat[nz].long() - 1
-    pix = nz % (height * width)
-    return ids, pix // width, pix % width
-
-
-def layers_to_boxes(layers: torch.Tensor | np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tight boxes and areas of the ``n`` instances packed in label layers.
-
-    Returns:
-        ``(boxes float32 [n, 4] xyxy pixel edges, areas int64 [n])``: instance with columns
-        ``x0..x1`` and rows ``y0..y1`` gets ``[x0, y0, x1 + 1, y1 + 1]``; an instance without
-        pixels gets area 0 and box ``[0, 0, 0, 0]``.
-    """
-    layers = torch.as_tensor(layers).as_subclass(torch.Tensor)
-    ids, ys, xs = _layer_pixels(layers)
-    areas = torch.bincount(ids, minlength=n)[:n]
-    big = max(layers.shape[-2:]) + 1
-    x0 = torch.full((n,), big, dtype=torch.long).scatter_reduce(0, ids, xs, "amin")
-    y0 = torch.full((n,), big, dtype=torch.long).scatter_reduce(0, ids, ys, "amin")
-    x1 = torch.full((n,), -1, dtype=torch.long).scatter_reduce(0, ids, xs, "amax") + 1
-    y1 = torch.full((n,), -1, dtype=torch.long).scatter_reduce(0, ids, ys, "amax") + 1
-    boxes = torch.stack([x0, y0, x1, y1], dim=1).to(torch.float32)
-    boxes[areas == 0] = 0
-    return boxes, areas
-
-
-def layers_to_masks(layers: torch.Tensor | np.ndarray, n: int) -> torch.Tensor:
-    """Unpack label layers into a uint8 ``[n, H, W]`` 0/1 mask stack."""
-    layers = torch.as_tensor(layers).as_subclass(torch.Tensor)
-    ids, ys, xs = _layer_pixels(layers)
-    masks = torch.zeros((n, *layers.shape[-2:]), dtype=torch.uint8)
-    masks[ids, ys, xs] = 1
-    return masks
+        ops.append(BrightnessContrast(float(bc["p"]), float(bc["brightness"]), float(bc["contrast"])))
+    blur = _blur(cfg)
+    if blur is not None:
+        ops.append(blur)
+    return Pipeline(ops)
 
 
 def apply_transforms(
