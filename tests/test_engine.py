@@ -1,8 +1,9 @@
-"""The training engine: schedules, checkpoints, bit-exact resume, --init, DDP, the non-finite guard,
-COCO box AP, and the run directory (metrics.csv / metrics.png).
+"""The training engine: schedules, optimiser, checkpoints and --init, the training step's
+protocol (losses dict, non-finite guard, ``on_optimizer_step``), fit with bit-exact resume, and
+the run directory (metrics.csv / steps.csv / metrics.png).
 
-A tiny torchvision Faster R-CNN (2-conv backbone, 64x64 images) stands in for the real detectors,
-so these tests depend only on the engine's contracts.
+Loaders: tests/test_engine_data.py; DDP: tests/test_engine_ddp.py; validation and
+``cellmask train``: tests/test_engine_train.py. The toys live in tests/engine_toys.py.
 """
 
 from __future__ import annotations
@@ -10,168 +11,45 @@ from __future__ import annotations
 import csv
 import itertools
 import math
-import os
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from engine_toys import (
+    CLASS_PREFIX,
+    StepModel,
+    TinyDetector,
+    ToyDataset,
+    assert_same_weights,
+    batches,
+    make_val_fn,
+    tiny_cfg,
+)
 from torch import nn
-from torch.utils.data import Dataset
-from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.ops import MultiScaleRoIAlign
 
-from cellmask.coco_eval import coco_box_ap, evaluate_detector
+import cellmask.engine.runner
 from cellmask.engine import (
     CheckpointError,
     NonFiniteGuard,
-    build_eval_loader,
+    append_rows_csv,
     build_optimizer,
     build_scheduler,
     build_train_loader,
-    cleanup_distributed,
     fit,
-    init_distributed,
     load_checkpoint,
     load_init_weights,
     lr_factor,
+    metric_panels,
     rng_state,
     save_checkpoint,
     seed_everything,
     set_rng_state,
     train_one_epoch,
 )
-
-SIZE = 64
-CLASS_PREFIX = "det.roi_heads.box_predictor."
-
+from cellmask.engine.history import keep_epochs_csv, read_rows_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class TinyDetector(nn.Module):
-    """A torchvision Faster R-CNN small enough for CPU tests; ``poison`` targets give a NaN loss."""
-
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        backbone = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1),
-            nn.ReLU(),
-        )
-        backbone.out_channels = 16
-        self.det = FasterRCNN(
-            backbone,
-            num_classes=None,
-            rpn_anchor_generator=AnchorGenerator(sizes=((8, 16),), aspect_ratios=((0.5, 1.0, 2.0),)),
-            box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
-            box_head=TwoMLPHead(16 * 7 * 7, 32),
-            box_predictor=FastRCNNPredictor(32, num_classes),
-            min_size=SIZE,
-            max_size=SIZE,
-            rpn_pre_nms_top_n_train=60,
-            rpn_post_nms_top_n_train=30,
-            rpn_pre_nms_top_n_test=60,
-            rpn_post_nms_top_n_test=30,
-            rpn_batch_size_per_image=32,
-            box_batch_size_per_image=32,
-            box_detections_per_img=30,
-            box_score_thresh=0.0,
-        )
-
-    def forward(self, images, targets=None):
-        out = self.det(images, targets)
-        if self.training and targets and any(bool(t.get("poison", False)) for t in targets):
-            out = {**out, "loss_poison": torch.tensor(float("nan"))}
-        return out
-
-    def class_dependent_prefixes(self) -> list[str]:
-        return [CLASS_PREFIX]
-
-
-class ToyDataset(Dataset):
-    """Bright rectangles on noise; random flip (torch RNG) and brightness (numpy RNG) per item."""
-
-    def __init__(self, n: int = 6, seed: int = 0, poison: frozenset[int] = frozenset()) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.items = []
-        for i in range(n):
-            image = torch.rand(3, SIZE, SIZE, generator=g) * 0.2
-            boxes = []
-            for _ in range(3):
-                x0, y0 = torch.randint(0, SIZE - 20, (2,), generator=g).tolist()
-                w, h = torch.randint(8, 18, (2,), generator=g).tolist()
-                image[:, y0 : y0 + h, x0 : x0 + w] += 0.7
-                boxes.append([x0, y0, x0 + w, y0 + h])
-            target = {
-                "boxes": torch.tensor(boxes, dtype=torch.float32),
-                "labels": torch.randint(1, 4, (3,), generator=g),
-                "image_id": i,
-            }
-            if i in poison:
-                target["poison"] = True
-            self.items.append((image.clamp(0, 1), target))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        image, target = self.items[i]
-        image, target = (
-            image.clone(),
-            {k: (v.clone() if torch.is_tensor(v) else v) for k, v in target.items()},
-        )
-        if torch.rand(()) < 0.5:
-            image = image.flip(-1)
-            boxes = target["boxes"]
-            target["boxes"] = torch.stack(
-                [SIZE - boxes[:, 2], boxes[:, 1], SIZE - boxes[:, 0], boxes[:, 3]], 1
-            )
-        image = (image * float(np.random.uniform(0.9, 1.1))).clamp(0, 1)  # noqa: NPY002 (global RNG on purpose)
-        return image, target
-
-
-def tiny_cfg(**train) -> dict:
-    return {
-        "train": {
-            "epochs": 2,
-            "batch_size": 2,
-            "optimizer": "adamw",
-            "lr": 1e-3,
-            "weight_decay": 1e-2,
-            "scheduler": "cosine",
-            "warmup_iters": 2,
-            "grad_clip": 10.0,
-            "amp": False,
-            "num_workers": 0,
-            "seed": 0,
-            "progress": False,
-            **train,
-        },
-        "model": {"type": "tiny"},
-    }
-
-
-def make_val_fn(dataset: Dataset, cfg: dict, interrupt_at: int | None = None):
-    loader = build_eval_loader(dataset, cfg)
-
-    def val_fn(model, epoch):
-        if epoch == interrupt_at:
-            raise KeyboardInterrupt("simulated crash")
-        return evaluate_detector(model, loader, "cpu", num_classes=4)
-
-    return val_fn
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"tensors differ: {different}"
 
 
 # ---------------------------------------------------------------------------------------- schedule
@@ -285,43 +163,40 @@ def test_init_from_a_checkpoint_with_another_class_count(tmp_path: Path):
     assert_same_weights(same.state_dict(), livecell.state_dict())
 
 
-# ------------------------------------------------------------------------------ guard / protocol
-
-
-class StepModel(nn.Module):
-    """Defines ``training_step``: the engine must call it instead of ``forward``."""
+class TwoCopies(nn.Module):
+    """A student and a teacher of one architecture, both initialised from one plain checkpoint."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.lin = nn.Linear(2, 1)
-        self.calls = 0
+        self.student = nn.Linear(3, 2)
+        self.teacher = nn.Linear(3, 2)
 
-    def forward(self, *args, **kwargs):
-        raise AssertionError("the engine must use training_step")
-
-    def training_step(self, batch):
-        self.calls += 1
-        images, targets = batch
-        loss = self.lin(torch.stack(images)).pow(2).mean()
-        if any(t.get("poison") for t in targets):
-            loss = loss * float("nan")
-        return {"loss_l2": loss}
+    def map_init_state_dict(self, state):
+        return {f"{who}.{k}": v for k, v in state.items() for who in ("student", "teacher")}
 
 
-def _batches(poison: list[bool]):
-    g = torch.Generator().manual_seed(0)
-    return [([torch.randn(2, generator=g)], [{"poison": p}]) for p in poison]
+def test_init_goes_through_the_models_map_init_state_dict(tmp_path: Path):
+    plain = nn.Linear(3, 2)
+    save_checkpoint({"model": plain.state_dict()}, tmp_path / "plain.pt")
+    model = TwoCopies()
+    report = load_init_weights(model, tmp_path / "plain.pt")
+    assert not report.missing and not report.unexpected and len(report.loaded) == 4
+    for who in (model.student, model.teacher):
+        assert_same_weights(who.state_dict(), plain.state_dict())
+
+
+# ------------------------------------------------------------------------------ guard / protocol
 
 
 def test_non_finite_loss_skips_the_step():
     model = StepModel()
     opt = build_optimizer(tiny_cfg(), model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    stats = train_one_epoch(model, _batches([True]), opt, cfg=tiny_cfg())
+    stats = train_one_epoch(model, batches([True]), opt, cfg=tiny_cfg())
     assert model.calls == 1 and stats["skipped_steps"] == 1 and math.isnan(stats["loss"])
     assert_same_weights(model.state_dict(), before)  # the NaN step changed nothing
 
-    stats = train_one_epoch(model, _batches([False, True, False]), opt, cfg=tiny_cfg())
+    stats = train_one_epoch(model, batches([False, True, False]), opt, cfg=tiny_cfg())
     assert stats["skipped_steps"] == 1 and stats["iters"] == 3 and math.isfinite(stats["loss"])
     assert not torch.equal(model.lin.weight, before["lin.weight"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -329,15 +204,79 @@ def test_non_finite_loss_skips_the_step():
     guard = NonFiniteGuard(max_consecutive=3)
     with pytest.raises(FloatingPointError, match="3 consecutive"):
         train_one_epoch(
-            model, _batches([True, True, False, True, True, True]), opt, cfg=tiny_cfg(), guard=guard
+            model, batches([True, True, False, True, True, True]), opt, cfg=tiny_cfg(), guard=guard
         )
     assert guard.skipped == 5
+
+
+def test_only_loss_keys_are_summed_and_statistics_are_logged():
+    cfg = tiny_cfg(optimizer="sgd", lr=0.1, weight_decay=0.0, grad_clip=0.0)
+    model = StepModel(stats=True)
+    reference = StepModel()
+    reference.load_state_dict(model.state_dict())
+    data = batches([False])
+    opt = build_optimizer(cfg, model)
+    steps: list[dict] = []
+    stats = train_one_epoch(model, data, opt, cfg=cfg, steps=steps, start_iteration=7)
+
+    reference.training_step(data[0])["loss_l2"].backward()  # the gradient of the loss alone
+    expected = reference.lin.weight.detach() - 0.1 * reference.lin.weight.grad
+    torch.testing.assert_close(model.lin.weight.detach(), expected, rtol=0, atol=1e-7)
+    assert stats["boxes_per_image"] == 3.0 and stats["loss"] == pytest.approx(stats["loss_l2"])
+    assert stats["weight_sum"] == pytest.approx(100 * float(reference.lin.weight.detach().sum()), rel=1e-5)
+    (row,) = steps
+    assert row["iteration"] == 7 and row["epoch"] == 1 and row["rank"] == 0 and row["skipped"] == 0
+    assert row["lr"] == pytest.approx(0.1) and row["boxes_per_image"] == 3.0
+
+    class NoLoss(StepModel):
+        def training_step(self, batch):
+            return {"pseudo_boxes": torch.tensor(1.0)}
+
+    with pytest.raises(ValueError, match="no key starts with 'loss'"):
+        train_one_epoch(NoLoss(), data, opt, cfg=cfg)
+
+
+class Hooked(StepModel):
+    """Records ``on_optimizer_step`` calls and whether the weights had changed by then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+        self.stepped: list[bool] = []
+        self._before = self.lin.weight.detach().clone()
+
+    def training_step(self, batch):
+        self._before = self.lin.weight.detach().clone()
+        return super().training_step(batch)
+
+    def on_optimizer_step(self, iteration: int) -> None:
+        self.seen.append(iteration)
+        self.stepped.append(not torch.equal(self._before, self.lin.weight.detach()))
+
+
+def test_on_optimizer_step_follows_every_step_taken_with_the_run_iteration(tmp_path: Path):
+    model = Hooked()
+    data = batches([False, True, False, False])  # iteration 1 (and 5) is skipped: NaN loss
+    fit(model, data, None, tiny_cfg(epochs=2), tmp_path / "run", device="cpu")
+    assert model.seen == [0, 2, 3, 4, 6, 7]
+    assert all(model.stepped)  # called after the optimizer step, not before
+
+    class Overflow(Hooked):  # a finite loss whose scaled gradients overflow: the AMP scaler skips
+        def training_step(self, batch):
+            return {"loss": self.lin.weight.sum() * 1e35}
+
+    model = Overflow()
+    opt = build_optimizer(tiny_cfg(), model)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    stats = train_one_epoch(model, batches([False]), opt, scaler=scaler, cfg=tiny_cfg())
+    assert scaler.get_scale() < 65536.0 and stats["skipped_steps"] == 0  # an overflow, not a NaN loss
+    assert model.seen == []
 
 
 # ------------------------------------------------------------------------------------- fit / resume
 
 
-def test_fit_resume_is_bit_exact_and_writes_the_run_dir(tmp_path: Path):
+def test_fit_resume_is_bit_exact_and_writes_the_run_dir(tmp_path: Path, monkeypatch):
     data = ToyDataset(n=6)
     cfg = tiny_cfg()
 
@@ -349,15 +288,17 @@ def test_fit_resume_is_bit_exact_and_writes_the_run_dir(tmp_path: Path):
 
     seed_everything(0)
     first = TinyDetector(4)
-    with pytest.raises(KeyboardInterrupt):  # dies during epoch 2's validation: last.pt is epoch 1
-        fit(
-            first,
-            build_train_loader(data, cfg),
-            make_val_fn(data, cfg, interrupt_at=1),
-            cfg,
-            tmp_path / "b",
-            device="cpu",
-        )
+    real_save = cellmask.engine.runner.save_checkpoint
+
+    def crash_saving_epoch_2(payload, path):  # epoch 2 trained, validated, steps.csv written
+        if Path(path).name == "last.pt" and payload["epoch"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_save(payload, path)
+
+    monkeypatch.setattr(cellmask.engine.runner, "save_checkpoint", crash_saving_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(first, build_train_loader(data, cfg), make_val_fn(data, cfg), cfg, tmp_path / "b", device="cpu")
+    monkeypatch.undo()
     assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
 
     seed_everything(123)  # a different initialisation and RNG state: resume must restore both
@@ -373,6 +314,8 @@ def test_fit_resume_is_bit_exact_and_writes_the_run_dir(tmp_path: Path):
     )
 
     assert_same_weights(straight.state_dict(), resumed_model.state_dict())
+    assert read_rows_csv(tmp_path / "a" / "steps.csv") == read_rows_csv(tmp_path / "b" / "steps.csv")
+    assert len(read_rows_csv(tmp_path / "a" / "steps.csv")) == 2 * 3  # 2 epochs x 3 iterations
     drop = ("time_s",)
     strip = [{k: v for k, v in row.items() if k not in drop} for row in full["history"]]
     assert strip == [{k: v for k, v in row.items() if k not in drop} for row in resumed["history"]]
@@ -406,6 +349,42 @@ def test_fit_resume_is_bit_exact_and_writes_the_run_dir(tmp_path: Path):
     assert (run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_statistics_reach_metrics_csv_and_their_own_panel(tmp_path: Path):
+    result = fit(StepModel(stats=True), batches([False, True, False]), None, tiny_cfg(), tmp_path / "run")
+    rows = read_rows_csv(tmp_path / "run" / "metrics.csv")
+    assert {"train_weight_sum", "train_boxes_per_image", "train_loss_l2", "train_skipped_steps"} <= set(
+        rows[0]
+    )
+    assert float(rows[0]["train_boxes_per_image"]) == 3.0
+    assert result["history"][1]["train_skipped_steps"] == 1.0
+    steps = read_rows_csv(tmp_path / "run" / "steps.csv")
+    assert [r["skipped"] for r in steps] == ["0", "1", "0"] * 2 and [r["iteration"] for r in steps] == [
+        str(i) for i in range(6)
+    ]
+    panels = dict(metric_panels(list(rows[0])))
+    assert panels["training losses"] == ["train_loss_l2", "train_loss"]
+    assert panels["training statistics"] == ["train_weight_sum", "train_boxes_per_image"]
+    assert panels["learning rate"] == ["lr"]
+
+
+def test_csv_rows_widen_and_a_resume_drops_later_epochs(tmp_path: Path):
+    path = tmp_path / "steps.csv"
+    append_rows_csv([{"epoch": 1, "loss": 1.0}], path)
+    append_rows_csv([{"epoch": 2, "loss": 2.0}], path)
+    append_rows_csv([{"epoch": 3, "loss": 3.0, "kept": 0.5}], path)  # a new column: header widened
+    assert read_rows_csv(path) == [
+        {"epoch": "1", "loss": "1.0", "kept": ""},
+        {"epoch": "2", "loss": "2.0", "kept": ""},
+        {"epoch": "3", "loss": "3.0", "kept": "0.5"},
+    ]
+    keep_epochs_csv(path, 1)
+    assert [r["epoch"] for r in read_rows_csv(path)] == ["1"] and list(read_rows_csv(path)[0]) == [
+        "epoch",
+        "loss",
+        "kept",
+    ]
+
+
 def test_fit_init_and_no_validation(tmp_path: Path):
     data = ToyDataset(n=4)
     cfg = tiny_cfg(epochs=2, keep_epoch_checkpoints=1)
@@ -427,150 +406,3 @@ def test_fit_init_and_no_validation(tmp_path: Path):
     assert sorted(p.name for p in (tmp_path / "run").glob("epoch_*.pt")) == ["epoch_002.pt"]  # pruned
     weights = torch.load(tmp_path / "run" / "epoch_002.pt", weights_only=True)
     assert weights["epoch"] == 2 and "optimizer" not in weights and weights["metrics"]["epoch"] == 2
-
-
-# ---------------------------------------------------------------------------------------------- DDP
-
-
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    seed_everything(rank)  # different per rank on purpose: DDP must broadcast rank 0's weights
-    model = TinyDetector(4)
-    data = ToyDataset(n=8, poison=frozenset({3}))
-    cfg = tiny_cfg(epochs=2)
-    info = init_distributed("cpu")
-    assert info.world_size == world and info.rank == rank
-    loader = build_train_loader(data, cfg, None, info)
-    assert len(loader) == 2  # 8 images, 2 ranks, batch 2
-    result = fit(model, loader, None, cfg, Path(out) / "run", device="cpu")
-    torch.save({"model": model.state_dict(), "history": result["history"]}, Path(out) / f"rank{rank}.pt")
-    cleanup_distributed()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_two_processes_end_with_identical_weights(tmp_path: Path):
-    import torch.multiprocessing as mp
-
-    context = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("DDP workers did not finish in 120 s")
-    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert_same_weights(rank0["model"], rank1["model"])
-    # each epoch the poisoned image lands in one batch of one rank; both ranks skip that step
-    assert [row["train_skipped_steps"] for row in rank0["history"]] == [1.0, 1.0]
-    assert [row["train_skipped_steps"] for row in rank1["history"]] == [1.0, 1.0]
-    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert len(ckpt["rng"]) == 2 and ckpt["meta"]["world_size"] == 2
-    assert_same_weights(ckpt["model"], rank0["model"])
-
-
-# ---------------------------------------------------------------------------------------- COCO AP
-
-
-def _target(boxes, labels):
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels)}
-
-
-def _pred(boxes, labels, scores=None):
-    scores = scores if scores is not None else [0.9] * len(boxes)
-    return {**_target(boxes, labels), "scores": torch.tensor(scores, dtype=torch.float32)}
-
-
-TRUTH = [
-    _target([[10, 10, 30, 30], [40, 40, 60, 70], [5, 50, 25, 60]], [1, 2, 1]),
-    _target([[0, 0, 20, 20], [30, 5, 50, 25]], [3, 1]),
-]
-
-
-def test_coco_ap_hand_cases():
-    perfect = [_pred(t["boxes"].tolist(), t["labels"].tolist()) for t in TRUTH]
-    result = coco_box_ap(perfect, TRUTH, num_classes=4)
-    assert result == {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0), "AP75": pytest.approx(1.0)}
-
-    empty = [_pred([], []) for _ in TRUTH]
-    assert coco_box_ap(empty, TRUTH, num_classes=4) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
-
-    missing = [_pred(TRUTH[0]["boxes"][:2].tolist(), [1, 2]), perfect[1]]  # one class-1 box dropped
-    result = coco_box_ap(missing, TRUTH, num_classes=4)
-    assert 0.0 < result["AP50"] < 1.0 and result["AP"] < 1.0
-
-    wrong_class = [_pred(t["boxes"].tolist(), [1] * len(t["boxes"])) for t in TRUTH]
-    assert coco_box_ap(wrong_class, TRUTH, num_classes=4)["AP50"] < 1.0
-
-    shifted = [
-        _pred((t["boxes"] + torch.tensor([3.0, 0, 3, 0])).tolist(), t["labels"].tolist()) for t in TRUTH
-    ]  # IoU 0.74
-    result = coco_box_ap(shifted, TRUTH, num_classes=4)
-    assert result["AP75"] == 0.0 and result["AP50"] > 0.0
-
-    assert math.isnan(coco_box_ap(empty, [_target([], []) for _ in TRUTH])["AP"])  # no truth at all
-
-
-def test_coco_ap_counts_more_than_100_detections_per_image():
-    xs = np.arange(0, 15 * 15, 15)
-    boxes = [[x, y, x + 10, y + 10] for x in xs for y in xs[:10]]  # 150 cells in one image
-    truth = [_target(boxes, [1] * len(boxes))]
-    assert coco_box_ap([_pred(boxes, [1] * len(boxes))], truth, num_classes=2)["AP50"] == pytest.approx(1.0)
-    capped = coco_box_ap([_pred(boxes, [1] * len(boxes))], truth, num_classes=2, max_dets=(1, 10, 100))
-    assert capped["AP50"] < 0.7  # COCO's default 100 would cap recall at 100/150
-
-
-# ------------------------------------------------------------------------- cellmask train (smoke)
-
-
-@pytest.mark.slow
-def test_train_command_livecell_then_init_on_competition(tmp_path: Path):
-    """`cellmask train` end to end on synthetic data: LIVECell (9 classes) -> --init competition (4)."""
-    import argparse
-
-    import yaml
-
-    from cellmask.data import synthetic
-    from cellmask.train import add_train_arguments, cli_train
-
-    root = tmp_path / "data"
-    synthetic.write_dataset(root, n_train=6, n_unlabeled=0, n_test=0, n_livecell=6, seed=0, size=(130, 176))
-    parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
-    config = Path(__file__).resolve().parents[1] / "configs" / "faster_rcnn_swin_t.yaml"
-    common = ["--config", str(config), "--data", str(root), "--profile", "smoke", "--device", "cpu"]
-    common += ["--set", "train.progress=false"]
-
-    args = parser.parse_args(
-        [*common, "--dataset", "livecell", "--out", str(tmp_path / "lc"), "--epochs", "1"]
-    )
-    assert cli_train(args) == 0
-    saved = yaml.safe_load((tmp_path / "lc" / "config.yaml").read_text())
-    assert saved["profile"] == "smoke" and saved["data"]["num_classes"] == 9 and saved["train"]["epochs"] == 1
-
-    out = tmp_path / "ft"
-    args = parser.parse_args([*common, "--dataset", "sartorius", "--out", str(out), "--epochs", "1"])
-    args.init = str(tmp_path / "lc" / "best.pt")
-    assert cli_train(args) == 0
-    ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["config"]["data"]["classes"] == ["shsy5y", "cort", "astro"]
-    cls = [v for k, v in ckpt["model"].items() if k.endswith("cls_score.weight")]
-    assert cls and cls[0].shape[0] == 4
-    with (out / "metrics.csv").open() as f:
-        assert "val_AP" in next(csv.DictReader(f))
-
-    args = parser.parse_args([*common, "--dataset", "sartorius", "--out", str(tmp_path / "none"), "--resume"])
-    with pytest.raises(FileNotFoundError, match="last.pt"):
-        cli_train(args)

@@ -130,6 +130,49 @@ def coco_box_ap(
     }
 
 
+def detect(
+    model: Any,
+    loader: Iterable[tuple[list, list[dict]]],
+    device: Any = "cpu",
+    amp: bool = False,
+    amp_dtype: Any = "float16",
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run ``model`` (eval mode, no grad) over ``loader``: ``(predictions, truths)``, one per image.
+
+    Predictions are ``{"boxes" float32 [K, 4] xyxy, "scores" float32 [K], "labels" int64 [K]}``
+    on the CPU: the model's outputs are cast to float32 as they leave it, before anything else
+    (under autocast a model may return float16 boxes, whose 0.5-1 px steps would blur AP75).
+    Truths are the loader's ``{"boxes", "labels"}``. Autocast (``amp``, ``amp_dtype``) only
+    covers the model's forward, and only on CUDA. The model's train/eval mode is restored.
+    """
+    import torch
+
+    device = torch.device(device)
+    dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
+    was_training = model.training
+    model.eval()
+    predictions, truths = [], []
+    try:
+        for images, targets in loader:
+            with (
+                torch.no_grad(),
+                torch.autocast(device_type=device.type, dtype=dtype, enabled=amp and device.type == "cuda"),
+            ):
+                outputs = model([image.to(device) for image in images])
+            for output, target in zip(outputs, targets, strict=True):
+                predictions.append(
+                    {
+                        "boxes": output["boxes"].detach().float().cpu(),
+                        "scores": output["scores"].detach().float().cpu(),
+                        "labels": output["labels"].detach().cpu(),
+                    }
+                )
+                truths.append({"boxes": target["boxes"], "labels": target["labels"]})
+    finally:
+        model.train(was_training)
+    return predictions, truths
+
+
 def evaluate_detector(
     model: Any,
     loader: Iterable[tuple[list, list[dict]]],
@@ -137,34 +180,22 @@ def evaluate_detector(
     num_classes: int | None = None,
     max_dets: Sequence[int] = DEFAULT_MAX_DETS,
     amp: bool = False,
+    amp_dtype: Any = "float16",
+    info: Any = None,
 ) -> dict[str, float]:
-    """Run ``model`` (eval mode, no grad) over ``loader`` and score it with :func:`coco_box_ap`.
+    """:func:`detect` over ``loader``, then :func:`coco_box_ap` (predictions and truth both in
+    the coordinates of the images the loader gives).
 
-    The loader yields ``(images, targets)``; predictions and truth are both in the coordinates
-    of the images the loader gives. The model's train/eval mode is restored afterwards.
+    Distributed (``info``: a :class:`cellmask.engine.DistInfo`): call it on every rank with a
+    loader over this rank's shard of the images (``cellmask.engine.shard(indices, info)``); the
+    detections and truths of every rank are gathered and put back in image order
+    (``cellmask.engine.unshard``), so every rank returns the AP of the whole set, identical to a
+    single-process run.
     """
-    import torch
+    predictions, truths = detect(model, loader, device, amp=amp, amp_dtype=amp_dtype)
+    if info is not None and info.distributed:
+        from cellmask.engine import gather_objects, unshard
 
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    predictions, truths = [], []
-    try:
-        with (
-            torch.no_grad(),
-            torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"),
-        ):
-            for images, targets in loader:
-                outputs = model([image.to(device) for image in images])
-                for output, target in zip(outputs, targets, strict=True):
-                    predictions.append(
-                        {
-                            "boxes": output["boxes"].detach().float().cpu(),
-                            "scores": output["scores"].detach().float().cpu(),
-                            "labels": output["labels"].detach().cpu(),
-                        }
-                    )
-                    truths.append({"boxes": target["boxes"], "labels": target["labels"]})
-    finally:
-        model.train(was_training)
+        parts = gather_objects((predictions, truths), info)
+        predictions, truths = unshard([p for p, _ in parts]), unshard([t for _, t in parts])
     return coco_box_ap(predictions, truths, num_classes=num_classes, max_dets=max_dets)
