@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from cellmask.config import deep_merge, load_config
 from cellmask.data.crops import (
+    CROP_KEYS,
     CropDataset,
     crop_config,
     crop_masks,
@@ -18,12 +20,21 @@ from cellmask.data.crops import (
     instance_pixels,
     jitter_boxes,
     random_dihedral,
+    step_subset,
     tight_boxes,
 )
+from cellmask.data.datasets import collate
 from cellmask.data.records import ImageRecord
 from cellmask.data.rle import rle_encode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "segmenter_upernet_swin_t.yaml"
+
+
+def crops_cfg(**overrides) -> dict:
+    """The smoke profile's ``crops`` section with ``overrides`` merged in."""
+    return deep_merge(load_config(CONFIG, "smoke")["crops"], overrides)
 
 
 def _asymmetric_mask(h: int = 40, w: int = 50, top: int = 7, left: int = 9) -> torch.Tensor:
@@ -182,16 +193,52 @@ def test_random_dihedral_applies_one_draw_to_all_tensors_and_covers_the_group():
     assert torch.equal(same, crops)
 
 
-def test_crop_config_defaults_and_validation():
-    cfg = crop_config({"jitter": {"shift": 0.2}, "max_instances": None})
-    assert cfg["jitter"] == {"p": 1.0, "scale": [0.8, 1.2], "shift": 0.2} and cfg["max_instances"] is None
-    assert crop_config({"jitter": None})["jitter"] is None
+def test_crop_config_needs_every_key_and_validates():
+    full = crops_cfg()
+    assert crop_config(full) == full and set(full) == set(CROP_KEYS)
+    assert crop_config({**full, "jitter": None})["jitter"] is None
+    for key in CROP_KEYS:
+        with pytest.raises(ValueError, match=rf"crops\.{key}: missing"):
+            crop_config({k: v for k, v in full.items() if k != key})
+    with pytest.raises(ValueError, match=r"crops\.jitter\.shift: missing"):
+        crop_config({**full, "jitter": {"p": 1.0, "scale": [0.8, 1.2]}})
+    with pytest.raises(ValueError, match="crops: missing section"):
+        crop_config(None)
     with pytest.raises(ValueError, match="unknown key"):
-        crop_config({"rotate": 15})
+        crop_config({**full, "rotate": 15})
     with pytest.raises(ValueError, match="hflip"):
-        crop_config({"hflip": 2})
+        crop_config({**full, "hflip": 2})
     with pytest.raises(ValueError, match="scale"):
-        crop_config({"jitter": {"scale": [1.2, 0.8]}})
+        crop_config(crops_cfg(jitter={"scale": [1.2, 0.8]}))
+    with pytest.raises(ValueError, match="max_per_step"):
+        crop_config({**full, "max_per_step": 0})
+    with pytest.raises(ValueError, match="crops: missing section"):
+        CropDataset([], None, size=32, sampling_ratio=2)
+
+
+def test_step_subset_keeps_a_uniform_random_subset_across_images():
+    """Over the cap, a step keeps the cap's count of crops, those with the smallest keys, in batch
+    order; with uniform keys each image keeps a share proportional to its crops on average (not
+    an even split nor first-come-first-served). Within the cap, or without one: everything."""
+    gen = torch.Generator().manual_seed(0)
+
+    def targets(counts, cap):
+        return [{"keys": torch.rand(n, generator=gen), "max_per_step": cap} for n in counts]
+
+    assert step_subset(targets([3, 5], 8)) is None and step_subset(targets([3, 5], None)) is None
+    batch = targets([4, 6], 5)
+    keep = step_subset(batch)
+    keys = torch.cat([t["keys"] for t in batch])
+    assert keep.dtype == torch.long and keep.tolist() == sorted(torch.argsort(keys)[:5].tolist())
+    assert step_subset([*batch, {"keys": torch.rand(1), "max_per_step": 2}]).numel() == 2  # the smallest cap
+    counts = [10, 30, 60, 0]
+    bounds = np.cumsum([0, *counts])
+    kept = np.array(
+        [np.histogram(step_subset(targets(counts, 20)).numpy(), bins=bounds)[0] for _ in range(3000)]
+    )
+    assert (kept.sum(1) == 20).all()
+    np.testing.assert_allclose(kept.mean(0), [2, 6, 12, 0], atol=0.15)
+    assert kept[:, 0].max() > 2 and kept[:, 2].min() < 12  # it is random
 
 
 # ------------------------------------------------------------------------------ dataset
@@ -223,9 +270,8 @@ def test_dataset_crop_and_target_stay_aligned_under_jitter_flips_and_rotations(t
     masks[1, 30:70, 65:115] = _asymmetric_mask(40, 50, 10, 25).numpy()[::-1]  # a flipped L
     image = (masks.any(0) * 255).astype(np.uint8)
     record = _record(tmp_path, masks, image)
-    ds = CropDataset(
-        [record], {"max_instances": None, "jitter": {"scale": [0.8, 1.2], "shift": 0.1}}, size=32
-    )
+    cfg = crops_cfg(max_instances=None, max_per_step=None, jitter={"scale": [0.8, 1.2], "shift": 0.1})
+    ds = CropDataset([record], cfg, size=32, sampling_ratio=2)
     torch.manual_seed(0)
     seen = set()
     for _ in range(25):
@@ -249,7 +295,13 @@ def test_dataset_eval_mode_uses_tight_boxes_and_no_augmentation(tmp_path: Path):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (h, w), dtype=np.uint8)
     record = _record(tmp_path, masks, image)
-    ds = CropDataset([record], {"min_area": 4}, size=32, train=False)
+    ds = CropDataset(
+        [record],
+        crops_cfg(min_area=4, max_instances=1, max_per_step=1),
+        size=32,
+        sampling_ratio=2,
+        train=False,
+    )
     crops, target = ds[0]
     assert target["instances"].tolist() == [0, 1]
     torch.testing.assert_close(target["boxes"], torch.as_tensor(record.boxes[:2]))
@@ -260,10 +312,10 @@ def test_dataset_eval_mode_uses_tight_boxes_and_no_augmentation(tmp_path: Path):
     ref_t = crop_masks(torch.from_numpy(masks[:2]), torch.as_tensor(record.boxes[:2]), size=32) >= 0.5
     assert torch.equal(target["masks"].bool(), ref_t)
 
-    capped = CropDataset([record], {"max_instances": 1}, size=32, train=True)
+    capped = CropDataset([record], crops_cfg(max_instances=1), size=32, sampling_ratio=2, train=True)
     assert len(capped[0][1]["instances"]) == 1
     empty = _record(tmp_path, np.zeros((0, h, w), dtype=bool), image, "empty")
-    crops, target = CropDataset([empty], size=32)[0]
+    crops, target = CropDataset([empty], crops_cfg(), size=32, sampling_ratio=2)[0]
     assert crops.shape == (0, 1, 32, 32) and target["masks"].shape == (0, 1, 32, 32)
 
 
@@ -277,3 +329,51 @@ def test_instance_pixels_match_the_record_masks(real_records):
     assert np.allclose(
         tight_boxes([instance_pixels(record, i) for i in range(len(record))]).numpy(), record.boxes
     )
+
+
+def _many_cells(tmp_path: Path, n_images: int = 4) -> list[ImageRecord]:
+    """Images of 4 x 4 pixel cells on a grid, 6 to 6 + 4 x (n_images - 1) cells each."""
+    records = []
+    for j in range(n_images):
+        k = 6 + 4 * j
+        masks = np.zeros((k, 40, 60), dtype=bool)
+        for i in range(k):
+            y, x = 2 + 8 * (i // 6), 2 + 10 * (i % 6)
+            masks[i, y : y + 4, x : x + 4] = True
+        records.append(_record(tmp_path, masks, (masks.any(0) * 200).astype(np.uint8), f"img{j}"))
+    return records
+
+
+def test_items_carry_the_step_cap_and_keys_drawn_by_the_loader(tmp_path: Path):
+    """Training items carry crops.max_per_step and one uniform key per crop, drawn with the
+    item's augmentation from the loader's RNG: a loader with the same seed (worker process
+    included) gives the same keys and so the same step subsets, another seed others.
+    Evaluation items set no cap."""
+    records = _many_cells(tmp_path)  # 6, 10, 14, 18 cells
+    ds = CropDataset(records, crops_cfg(max_instances=12, max_per_step=14), size=16, sampling_ratio=2)
+
+    def run(seed: int) -> list[list[tuple[int, int]]]:
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=2,
+            shuffle=True,
+            collate_fn=collate,
+            num_workers=1,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        steps = []
+        for crops, targets in loader:
+            for c, t in zip(crops, targets, strict=True):
+                assert len(c) == len(t["keys"]) == len(t["instances"]) <= 12 and t["max_per_step"] == 14
+                assert t["keys"].dtype == torch.float32 and ((t["keys"] >= 0) & (t["keys"] < 1)).all()
+            pairs = [(t["image_id"], i) for t in targets for i in t["instances"].tolist()]
+            keep = step_subset(targets)
+            assert keep is not None and len(keep) == 14 < len(pairs)  # every pair of images offers > 14
+            steps.append([pairs[k] for k in keep.tolist()])
+        return steps
+
+    first = run(1)
+    assert len(first) == 2 and first == run(1) and first != run(2)
+    assert all(len({image for image, _ in step}) == 2 for step in first)  # both images keep crops
+    evaluation = CropDataset(records, crops_cfg(), size=16, sampling_ratio=2, train=False)
+    assert evaluation[3][1]["max_per_step"] is None and len(evaluation[3][0]) == 18
