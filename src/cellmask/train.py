@@ -19,7 +19,7 @@ class-agnostic, so ``--init`` from a LIVECell segmenter carries every weight::
 
     cellmask train --config configs/segmenter_upernet_swin_t.yaml --data DATA_ROOT \\
         --dataset livecell --out runs/seg_livecell
-    cellmask train --config configs/segmenter_upernet_swin_t.yaml --data DATA_ROOT \\
+    cellmask train --config configs/segmenter_upernet_swin_t_finetune.yaml --data DATA_ROOT \\
         --dataset sartorius --out runs/seg --init runs/seg_livecell/best.pt
 
 Several GPUs: ``torchrun --nproc_per_node N -m cellmask.cli train ...`` (each process loads
@@ -316,19 +316,17 @@ def segmenter_parts(
     from cellmask.models.segmenter import build_segmenter, evaluate_segmenter
 
     tcfg = train_config(cfg)
-    crop = get(cfg, "model.crop", {}) or {}
+    seed_everything(int(tcfg["seed"]))  # the model's initialisation is reproducible
+    model = build_segmenter(cfg["model"])  # checks the model section (crop size included)
     train_set = CropDataset(
         train_records,
         cfg.get("crops"),
-        size=int(crop.get("size", 128)),
-        sampling_ratio=int(crop.get("sampling_ratio", 2)),
+        size=model.crop_size,
+        sampling_ratio=model.sampling_ratio,
         train=True,
         image_cache=bool(tcfg["image_cache"]),
     )
     train_loader = build_train_loader(train_set, cfg, collate, info)
-
-    seed_everything(int(tcfg["seed"]))  # the model's initialisation is reproducible
-    model = build_segmenter(cfg["model"])
 
     val_fn = None
     if val_records:

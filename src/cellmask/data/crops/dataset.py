@@ -158,8 +158,8 @@ class CropDataset(ImageSource, Dataset):
 
     Items: ``(crops float32 [k, 1, S, S], target)`` with ``target = {"masks": uint8 [k, 1, S, S],
     "boxes": float32 [k, 4], "instances": int64 [k], "image_id": int, "keys": float32 [k],
-    "max_per_step": int | None}``. Randomness comes from torch's global RNG (seeded per item, or
-    per worker, by the loader).
+    "max_per_step": int | None}``. Randomness comes from torch's global RNG, which the engine's loader
+    seeds per item from (seed, epoch, index).
     """
 
     def __init__(
