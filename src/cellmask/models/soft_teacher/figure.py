@@ -82,9 +82,9 @@ def save_pseudo_box_figure(
                     box[2] - box[0],
                     box[3] - box[1],
                     fill=False,
-                    lw=0.8,
+                    lw=1.0,
                     edgecolor=KEPT_COLOR if kept else FILTERED_COLOR,
-                    linestyle="-" if stable else "--",
+                    linestyle="-" if stable else (0, (2, 2)),
                 )
             )
         label = names[i] if names else f"image {i}"
