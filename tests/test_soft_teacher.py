@@ -200,12 +200,15 @@ def test_jitter_uncertainty_stable_teacher_below_the_bar_noisy_above():
 
 
 def test_teacher_refinement_decodes_in_the_teachers_frame(smoke_model):
-    """With zero regression deltas the teacher's refinement returns the boxes themselves, so the
-    jitter uncertainty is the jitter's (noisy teacher); boxes are clipped to the image."""
+    """The teacher's refinement applies the deltas of each box's own class (here a constant
+    x-shift of class/10 of the width: box-coder weight 10) and clips to the image; with zero
+    deltas it returns the boxes themselves, so its jitter uncertainty is the jitter's."""
     model = copy.deepcopy(smoke_model)
+    predictor = model.teacher.roi_heads.box_predictor
     with torch.no_grad():
-        model.teacher.roi_heads.box_predictor.bbox_pred.weight.zero_()
-        model.teacher.roi_heads.box_predictor.bbox_pred.bias.zero_()
+        predictor.bbox_pred.weight.zero_()
+        predictor.bbox_pred.bias.zero_()
+        predictor.bbox_pred.bias[0::4] = torch.arange(NUM_CLASSES, dtype=torch.float32)  # dx = class
     image, _ = _image(0)
     tp = teacher_pass(model.teacher, [image], candidate_thresh=0.0)
     assert tp.image_sizes == [(128, 160)]
@@ -213,9 +216,11 @@ def test_teacher_refinement_decodes_in_the_teachers_frame(smoke_model):
     boxes = [torch.tensor([[10.0, 20.0, 40.0, 50.0], [150.0, 100.0, 170.0, 140.0]])]
     labels = [torch.tensor([1, 3])]
     refined = refine_boxes(model.teacher, tp.features, boxes, labels, tp.image_sizes)
-    assert torch.allclose(
-        refined[0], torch.tensor([[10.0, 20.0, 40.0, 50.0], [150.0, 100.0, 160.0, 128.0]]), atol=1e-4
-    )
+    # class 1: + 0.1 x 30 = 3 px; class 3: + 0.3 x 20 = 6 px, then clipped to 160 x 128
+    expected = torch.tensor([[13.0, 20.0, 43.0, 50.0], [156.0, 100.0, 160.0, 128.0]])
+    assert torch.allclose(refined[0], expected, atol=1e-4)
+    with torch.no_grad():
+        predictor.bbox_pred.bias.zero_()
     torch.manual_seed(0)
     many = [_boxes(100, 2) * 0.5]  # well inside the 128 x 160 frame
     refine = lambda b, lab: model._teacher_refine(tp, b, lab)  # noqa: E731 (the model's own closure)
