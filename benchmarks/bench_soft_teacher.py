@@ -17,7 +17,7 @@ statistics against the step), ``pseudo_boxes.png`` (the final teacher's pseudo-b
 unlabeled images) and ``results.json``.
 
     python benchmarks/bench_soft_teacher.py [--labeled 8] [--unlabeled 32] [--val 16]
-        [--warm-steps 200] [--steps 150] [--eval-every 50] [--threads 1] [--out runs/bench_soft_teacher]
+        [--warm-steps 500] [--steps 150] [--eval-every 50] [--threads 1] [--out runs/bench_soft_teacher]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _train(model, loader, cfg: dict, steps: int, on_step, evaluate, eval_every: 
             model.on_optimizer_step(it)
         times.append(time.perf_counter() - start)
         stats.append(
-            {k: float(v) for k, v in out.items() if not k.startswith("loss")} | {"loss": float(loss)}
+            {k: float(v) for k, v in out.items() if not k.startswith("loss")} | {"loss": float(loss.detach())}
         )
         if (it + 1) % eval_every == 0 or it + 1 == steps:
             evals.append(evaluate(model, it + 1))
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labeled", type=int, default=8, help="labeled training images")
     p.add_argument("--unlabeled", type=int, default=32, help="unlabeled images")
     p.add_argument("--val", type=int, default=16, help="held-out labeled images (box AP)")
-    p.add_argument("--warm-steps", type=int, default=200, help="supervised steps of the shared start")
+    p.add_argument("--warm-steps", type=int, default=500, help="supervised steps of the shared start")
     p.add_argument("--steps", type=int, default=150, help="steps of each arm after the start")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--size", default="256x352", help="synthetic image size HxW (the demo size)")
