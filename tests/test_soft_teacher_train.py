@@ -63,7 +63,7 @@ def test_parts_train_a_few_steps_and_validate_the_teacher(data_root: Path, tmp_p
         loss.backward()
         optimizer.step()
         model.on_optimizer_step(it)
-        history.append({k: float(v) for k, v in out.items()})
+        history.append({k: float(v.detach()) for k, v in out.items()})
         if it == 2:
             break
     for row in history:

@@ -50,6 +50,7 @@ from cellmask.models.soft_teacher.pseudo import (
     jitter_uncertainty,
     refine_boxes,
     resize_matrices,
+    select_pseudo_labels,
     teacher_pass,
 )
 from cellmask.models.soft_teacher.settings import SoftTeacherSettings
@@ -150,6 +151,36 @@ class SoftTeacher(nn.Module):
             self.teacher, tp.features, boxes, labels, tp.image_sizes, self.settings.jitter_chunk
         )
 
+    def _student_targets(
+        self, tp: TeacherPass, uncertainty: list[Tensor], strong: list[Tensor], to_strong: Tensor
+    ) -> tuple[list[dict[str, Tensor]], tuple[int, int, int]]:
+        """The teacher's candidates mapped onto the strong views (``to_strong``: float64
+        ``[B, 3, 3]`` from the teacher's frame), clipped, too-thin boxes dropped, with both
+        filters' decisions as ``cls_keep``/``reg_keep`` masks; and the counts (classification
+        pseudo-boxes, regression candidates, regression pseudo-boxes) over the batch."""
+        s = self.settings
+        targets, n_cls, n_cand, n_reg = [], 0, 0, 0
+        for i, image in enumerate(strong):
+            size = (int(image.shape[-2]), int(image.shape[-1]))
+            boxes = transform_boxes(tp.boxes[i], to_strong[i], clip_to=size)
+            wh = boxes[:, 2:] - boxes[:, :2]
+            valid = (wh >= s.min_size).all(dim=1)
+            cls_keep = valid & select_pseudo_labels(tp.scores[i], s.score_thresh)
+            candidates = valid & select_pseudo_labels(tp.scores[i], s.reg_score_thresh)
+            reg_keep = candidates & (uncertainty[i] < s.max_uncertainty)
+            n_cls += int(cls_keep.sum())
+            n_cand += int(candidates.sum())
+            n_reg += int(reg_keep.sum())
+            targets.append(
+                {
+                    "boxes": boxes[valid],
+                    "labels": tp.labels[i][valid],
+                    "cls_keep": cls_keep[valid],
+                    "reg_keep": reg_keep[valid],
+                }
+            )
+        return targets, (n_cls, n_cand, n_reg)
+
     def unsupervised_losses(
         self, weak: list[Tensor], strong: list[Tensor], weak_matrix: Tensor, strong_matrix: Tensor
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -161,28 +192,7 @@ class SoftTeacher(nn.Module):
         with torch.autocast(device_type=device.type, enabled=False):
             to_strong = relative_matrix(weak_matrix, strong_matrix) @ torch.linalg.inv(tp.to_internal)
 
-        targets, n_cls, n_cand, n_reg = [], 0, 0, 0
-        for i, image in enumerate(strong):
-            size = (int(image.shape[-2]), int(image.shape[-1]))
-            boxes = transform_boxes(tp.boxes[i], to_strong[i], clip_to=size)
-            wh = boxes[:, 2:] - boxes[:, :2]
-            valid = (wh >= s.min_size).all(dim=1)
-            cls_keep = valid & (tp.scores[i] >= s.score_thresh)
-            candidates = valid & (tp.scores[i] >= s.reg_score_thresh)
-            reg_keep = candidates & (uncertainty[i] < s.max_uncertainty)
-            n_cls, n_cand, n_reg = (
-                n_cls + int(cls_keep.sum()),
-                n_cand + int(candidates.sum()),
-                n_reg + int(reg_keep.sum()),
-            )
-            targets.append(
-                {
-                    "boxes": boxes[valid],
-                    "labels": tp.labels[i][valid],
-                    "cls_keep": cls_keep[valid],
-                    "reg_keep": reg_keep[valid],
-                }
-            )
+        targets, counts = self._student_targets(tp, uncertainty, strong, to_strong)
 
         student = self.student
         original = [(int(img.shape[-2]), int(img.shape[-1])) for img in strong]
@@ -220,6 +230,7 @@ class SoftTeacher(nn.Module):
 
         losses = {**rpn_losses, "loss_classifier": loss_cls, "loss_box_reg": loss_box}
         n_images = max(len(strong), 1)
+        n_cls, n_cand, n_reg = counts
         background = all_labels == 0
         stats = {
             "pseudo_boxes_per_image": torch.tensor(n_cls / n_images, device=device),
