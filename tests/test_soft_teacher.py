@@ -122,6 +122,12 @@ def test_teacher_is_frozen_eval_and_the_inference_model(smoke_model, smoke_cfg):
     ]
 
 
+def test_a_plain_detector_batch_is_a_clear_error(smoke_model):
+    image, boxes = _image(0)
+    with pytest.raises(TypeError, match="collate_semi batch"):
+        smoke_model.training_step(([image], [{"boxes": boxes, "labels": torch.ones(len(boxes))}]))
+
+
 def test_checkpoint_round_trip_keeps_teacher_and_student(smoke_model, tmp_path: Path):
     model = copy.deepcopy(smoke_model)
     with torch.no_grad():

@@ -124,7 +124,17 @@ class SoftTeacher(nn.Module):
 
     def training_step(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Losses and statistics of one step (see the module doc); ``batch`` as
-        :func:`cellmask.data.semi.collate_semi` makes it, on the model's device."""
+        :func:`cellmask.data.semi.collate_semi` makes it, on the model's device.
+
+        Raises:
+            TypeError: any other batch (e.g. a plain detector loader's ``(images, targets)``).
+        """
+        if not isinstance(batch, Mapping) or "labeled" not in batch or "strong" not in batch:
+            raise TypeError(
+                "SoftTeacher.training_step takes a cellmask.data.semi.collate_semi batch (labeled + "
+                f"unlabeled views), got {type(batch).__name__}: build the loader with "
+                "cellmask.train_soft_teacher.soft_teacher_parts (model.type soft_teacher)"
+            )
         images, targets = batch["labeled"]
         sup = self.student(list(images), list(targets))
         unsup, stats = self.unsupervised_losses(
