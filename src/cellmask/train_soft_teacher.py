@@ -50,14 +50,18 @@ def _check_semi(semi: Mapping[str, Any]) -> None:
         raise ValueError(f"semi: unknown key(s) {unknown}; expected {sorted(SEMI_KEYS)}")
 
 
-def _teacher_predictions(teacher, loader, device, amp: bool) -> tuple[list[dict], list[dict]]:
+def _teacher_predictions(
+    teacher, loader, device, amp: bool, amp_dtype: str = "float16"
+) -> tuple[list[dict], list[dict]]:
     """``(predictions, truths)`` of ``teacher`` (eval mode, no grad) over ``loader``, on the CPU."""
     import torch
 
     predictions, truths = [], []
     with (
         torch.no_grad(),
-        torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"),
+        torch.autocast(
+            device_type=device.type, dtype=getattr(torch, amp_dtype), enabled=amp and device.type == "cuda"
+        ),
     ):
         for images, targets in loader:
             for out, target in zip(teacher([image.to(device) for image in images]), targets, strict=True):
@@ -96,8 +100,9 @@ def soft_teacher_parts(
     data = semi_data_config(semi)
     unlabeled = load_unlabeled(cfg["data"]["root"], data["unlabeled_dir"])
     augment = cfg.get("augment") or {}
-    labeled_set = DetectionDataset(train_records, build_transforms(augment, train=True))
-    views = TwoViewDataset(unlabeled, data["weak"], data["strong"])
+    cache = bool(get(cfg, "train.image_cache", False))
+    labeled_set = DetectionDataset(train_records, build_transforms(augment, train=True), image_cache=cache)
+    views = TwoViewDataset(unlabeled, data["weak"], data["strong"], image_cache=cache)
     train_set = SemiDataset(labeled_set, views, data["ratio"], data["epoch_length"])
     train_loader = build_train_loader(train_set, cfg, collate_semi, info)
     log.info(
@@ -108,7 +113,7 @@ def soft_teacher_parts(
     seed_everything(int(get(cfg, "train.seed", 0)))  # the model's initialisation is reproducible
     model = build_detector({**cfg["model"], "semi": semi}, num_classes=num_classes)
 
-    amp = bool(get(cfg, "train.amp", False))
+    amp, amp_dtype = bool(get(cfg, "train.amp", False)), str(get(cfg, "train.amp_dtype", "float16"))
     out_dir = get(cfg, "run.out_dir")
     n_figure = int((semi.get("figure") or {}).get("images", 4))
     figure_source = ImageSource(unlabeled[:n_figure], image_cache=True)
@@ -128,7 +133,7 @@ def soft_teacher_parts(
         bare = getattr(m, "module", m)
         teacher = bare.inference_model()
         device = dist_info.device
-        predictions, truths = _teacher_predictions(teacher, val_loader, device, amp)
+        predictions, truths = _teacher_predictions(teacher, val_loader, device, amp, amp_dtype)
         gathered = gather_objects((predictions, truths), dist_info)
         all_preds = [p for preds, _ in gathered for p in preds]
         all_truths = [t for _, ts in gathered for t in ts]

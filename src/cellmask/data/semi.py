@@ -38,7 +38,7 @@ Config (``semi:`` section; keys and defaults in :data:`DEFAULT_SEMI_DATA`)::
         scale: [0.8, 1.2]       # factor drawn uniformly from this range
         shift: 0.1              # translation drawn from [-shift, shift] x (W, H)
         fill: 0                 # gray value of uncovered canvas and of cutout patches
-        brightness_contrast: {p: 0.8, brightness: 0.4, contrast: 0.4}
+        brightness_contrast: {p: 0.8, brightness: 0.3, contrast: 0.3}
         gaussian_blur: {p: 0.5, kernel: 5, sigma: [0.1, 2.0]}
         erase: {p: 0.7, count: [1, 5], size: [0.05, 0.2]}   # square side: fraction of min(H, W)
 
@@ -92,7 +92,7 @@ DEFAULT_SEMI_DATA: dict[str, Any] = {
         "scale": [0.8, 1.2],
         "shift": 0.1,
         "fill": 0,
-        "brightness_contrast": {"p": 0.8, "brightness": 0.4, "contrast": 0.4},
+        "brightness_contrast": {"p": 0.8, "brightness": 0.3, "contrast": 0.3},
         "gaussian_blur": {"p": 0.5, "kernel": 5, "sigma": [0.1, 2.0]},
         "erase": {"p": 0.7, "count": [1, 5], "size": [0.05, 0.2]},
     },
