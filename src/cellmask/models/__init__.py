@@ -27,6 +27,7 @@ _REGISTRY: dict[str, str | Callable[..., Any]] = {
     "faster_rcnn": "cellmask.models.faster_rcnn:build_faster_rcnn",
     "cascade_rcnn": "cellmask.models.cascade_rcnn:build_cascade_rcnn",
     "cascade_mask_rcnn": "cellmask.models.cascade_rcnn:build_cascade_rcnn",
+    "soft_teacher": "cellmask.models.soft_teacher:build_soft_teacher",
 }
 
 DETECTOR_TYPES: tuple[str, ...] = tuple(_REGISTRY)

@@ -1,0 +1,133 @@
+"""Soft Teacher training on synthetic labeled + unlabeled images: the parts builder stepped by
+hand, and the smoke run through ``cellmask.train.run_training`` (finite losses, a non-zero
+unsupervised loss once the teacher yields pseudo-boxes, the teacher validated, exact resume)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cellmask.config import load_config
+from cellmask.data import synthetic
+from cellmask.errors import DataError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "soft_teacher_resnext101.yaml"
+SIZE = (128, 160)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("semi_data")
+    synthetic.write_dataset(root, n_train=8, n_unlabeled=6, n_test=0, n_livecell=0, seed=0, size=SIZE)
+    return root
+
+
+def _cfg(**overrides) -> dict:
+    items = ["train.progress=false", *(f"{k}={v}" for k, v in overrides.items())]
+    return load_config(CONFIG, profile="smoke", overrides=items)
+
+
+def _parts(cfg: dict, root: Path, out_dir: Path | None):
+    from cellmask.engine import DistInfo
+    from cellmask.train import load_split
+    from cellmask.train_soft_teacher import soft_teacher_parts
+
+    train, val, classes = load_split(cfg, root, "sartorius")
+    cfg = {**cfg, "data": {"root": str(root), "num_classes": len(classes) + 1}}
+    if out_dir is not None:
+        cfg["run"] = {"out_dir": str(out_dir)}
+    return soft_teacher_parts(cfg, train, val, len(classes) + 1, DistInfo()), cfg
+
+
+def test_parts_train_a_few_steps_and_validate_the_teacher(data_root: Path, tmp_path: Path, monkeypatch):
+    from cellmask import engine
+    from cellmask.engine import DistInfo, build_optimizer
+
+    (model, loader, val_fn), cfg = _parts(_cfg(), data_root, tmp_path / "run")
+    assert len(loader) == 6  # one pass over the 6 unlabeled images, 1:1 groups, batch 1
+    optimizer = build_optimizer(cfg, model)
+    teacher_before = copy.deepcopy(model.teacher.state_dict())
+    model.train()
+    history = []
+    for it, batch in enumerate(loader):
+        out = model.training_step(batch)
+        loss = sum(v for k, v in out.items() if k.startswith("loss"))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.on_optimizer_step(it)
+        history.append({k: float(v.detach()) for k, v in out.items()})
+        if it == 2:
+            break
+    for row in history:
+        assert all(math.isfinite(v) for v in row.values()), row
+        assert row["pseudo_boxes_per_image"] > 0 and row["loss_unsup_rpn_box_reg"] > 0
+        assert row["loss_unsup_box_reg"] > 0 and 0 < row["uncertainty_kept_fraction"] <= 1
+    moved = [not torch.equal(v, model.teacher.state_dict()[k]) for k, v in teacher_before.items()]
+    assert any(moved)
+    assert all(p.grad is None for p in model.teacher.parameters())
+
+    monkeypatch.setattr(engine, "gather_objects", lambda obj, info: [obj], raising=False)
+    metrics = val_fn(model, 0, DistInfo())
+    assert set(metrics) == {"AP", "AP50", "AP75"} and 0.0 <= metrics["AP"] <= 1.0
+    assert (tmp_path / "run" / "pseudo_boxes_epoch_001.png").stat().st_size > 0
+
+
+def test_missing_or_empty_unlabeled_folder_is_one_clear_error(tmp_path: Path):
+    root = tmp_path / "data"
+    synthetic.write_dataset(root, n_train=4, n_unlabeled=0, n_test=0, n_livecell=0, seed=0, size=SIZE)
+    with pytest.raises(DataError, match="train_semi_supervised"):
+        _parts(_cfg(), root, None)
+    with pytest.raises(DataError, match=r"elsewhere: no such folder"):
+        _parts(_cfg(**{"semi.unlabeled_dir": "elsewhere"}), root, None)
+
+
+# ---------------------------------------------------------------- through cellmask train
+
+
+def _metrics(out: Path) -> list[dict[str, str]]:
+    with (out / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_smoke_run_trains_validates_the_teacher_and_resumes_exactly(data_root: Path, tmp_path: Path):
+    """Needs the engine's contracts 1-4 (soft_teacher dispatch, stats, hooks, sharded val_fn)."""
+    from cellmask.engine import load_checkpoint
+    from cellmask.predict import load_detector
+    from cellmask.train import run_training
+
+    cfg = _cfg()
+    full = run_training(cfg, data_root, "sartorius", tmp_path / "full", epochs=2, device="cpu")
+    rows = _metrics(tmp_path / "full")
+    assert len(rows) == 2
+    for row in rows:
+        losses = {k: float(v) for k, v in row.items() if k.startswith("train_loss")}
+        assert losses and all(math.isfinite(v) for v in losses.values())
+        # the teacher yields pseudo-boxes, so every unsupervised term is non-zero
+        assert float(row["train_pseudo_boxes_per_image"]) > 0
+        for term in ("objectness", "rpn_box_reg", "classifier", "box_reg"):
+            assert float(row[f"train_loss_unsup_{term}"]) > 0, term
+        assert 0 < float(row["train_uncertainty_kept_fraction"]) <= 1
+        assert float(row["train_sup_loss"]) > 0 and float(row["train_unsup_loss"]) > 0
+        assert "val_AP" in row
+    assert full["best"]["metric"] == "val_AP"
+    assert (tmp_path / "full" / "pseudo_boxes_epoch_002.png").is_file()
+
+    detector, _ = load_detector(tmp_path / "full" / "best.pt")
+    assert type(detector).__name__ == "CellFasterRCNN" and not detector.training
+
+    run_training(cfg, data_root, "sartorius", tmp_path / "half", epochs=1, device="cpu")
+    run_training(cfg, data_root, "sartorius", tmp_path / "half", epochs=2, resume=True, device="cpu")
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "half" / "last.pt")["model"]
+    assert a.keys() == b.keys() and any(k.startswith("teacher.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
