@@ -29,7 +29,7 @@ Which parts a config trains is decided by ``model.type`` (:func:`parts_builder`)
 -> :func:`segmenter_parts`, ``soft_teacher`` -> ``cellmask.train_soft_teacher.soft_teacher_parts``
 (imported only then), anything else -> :func:`detector_parts`. A parts builder takes
 ``(cfg, train_records, val_records, num_classes, info)`` and returns
-``(model, train_loader, val_fn)``; ``cfg["data"]["root"]`` holds the data root.
+``(model, train_loader, val_fn)``; ``cfg["data"]["root"]`` holds the data root and ``cfg["run"]["out_dir"]`` the run directory.
 
 Training datasets keep their decoded images in memory (``train.image_cache``, default true):
 the loader's workers persist across epochs, so each worker reads an image from disk once per
@@ -203,6 +203,7 @@ def run_training(
             "num_train": len(train_records),
             "num_val": len(val_records),
         }
+        cfg["run"] = {"out_dir": str(out_dir)}  # where parts may write figures (Soft Teacher's pseudo-boxes)
         log.info(
             "%s: %d training and %d validation images, %d classes",
             dataset,
