@@ -448,7 +448,7 @@ def _write_text(path: Path, header: str, rows: list[str], end: str = "\n") -> Pa
 
 def test_fast_file_path_matches_general_path(tmp_path, real_truth, real_pred):
     """The bytes-level scan of score_files gives exactly what csv + rles_to_runs give."""
-    from cellmask.metric import _score_files_fast
+    from cellmask.metric.scan import score_plain_files
 
     truth_rows = [
         f"{k},{r},{v.width},{v.height},{v.cell_type}" for k, v in real_truth.items() for r in v.rles
@@ -467,7 +467,7 @@ def test_fast_file_path_matches_general_path(tmp_path, real_truth, real_pred):
     for name, (t_rows, p_rows, end) in cases.items():
         truth_csv = _write_text(tmp_path / f"t_{len(name)}.csv", header, t_rows, end)
         pred_csv = _write_text(tmp_path / f"p_{len(name)}.csv", "id,predicted", p_rows, end)
-        fast = _score_files_fast(truth_csv, pred_csv)
+        fast = score_plain_files(truth_csv, pred_csv)
         assert fast is not None, name
         _same_report(fast, _general(truth_csv, pred_csv))
         assert fast.per_image["nothing"] == 0.0  # a false positive on an empty image
@@ -475,7 +475,7 @@ def test_fast_file_path_matches_general_path(tmp_path, real_truth, real_pred):
     self_csv = _write_text(
         tmp_path / "self.csv", "id,predicted", [f"{k},{r}" for k, v in real_truth.items() for r in v.rles]
     )
-    fast = _score_files_fast(REAL_CSV, self_csv)
+    fast = score_plain_files(REAL_CSV, self_csv)
     assert fast is not None and fast.score == 1.0
     _same_report(fast, _general(REAL_CSV, self_csv))
 
@@ -499,7 +499,7 @@ def test_fast_file_path_matches_general_path(tmp_path, real_truth, real_pred):
 )
 def test_fast_file_path_falls_back(tmp_path, pred_text: str, valid: bool):
     """Unusual or wrong files leave the fast path (None); the general path scores or names it."""
-    from cellmask.metric import _score_files_fast
+    from cellmask.metric.scan import score_plain_files
 
     truth_csv = _write_text(
         tmp_path / "t.csv", "id,annotation,width,height", [f"a,1 3,{W},{H}", f"b,,{W},{H}"]
@@ -510,25 +510,25 @@ def test_fast_file_path_falls_back(tmp_path, pred_text: str, valid: bool):
         report = score_files(truth_csv, pred_csv)
         _same_report(report, _general(truth_csv, pred_csv))
     else:
-        assert _score_files_fast(truth_csv, pred_csv) is None
+        assert score_plain_files(truth_csv, pred_csv) is None
         with pytest.raises(DataError, match=r"p\.csv"):
             score_files(truth_csv, pred_csv)
 
 
 def test_fast_file_path_checks_truth_consistency(tmp_path):
-    from cellmask.metric import _score_files_fast
+    from cellmask.metric.scan import score_plain_files
 
     truth_csv = _write_text(
         tmp_path / "t.csv", "id,annotation,width,height", [f"a,1 3,{W},{H}", f"a,9 3,{W},{H + 1}"]
     )
     pred_csv = _write_text(tmp_path / "p.csv", "id,predicted", ["a,1 3"])
-    assert _score_files_fast(truth_csv, pred_csv) is None
+    assert score_plain_files(truth_csv, pred_csv) is None
     with pytest.raises(DataError, match=r"t\.csv, line 3: id 'a'"):
         score_files(truth_csv, pred_csv)
 
 
 def test_run_and_pixel_intersections_agree(real_truth, real_pred):
-    from cellmask.metric import _intersections_by_pixels, _intersections_by_runs
+    from cellmask.metric.iou import _intersections_by_pixels, _intersections_by_runs
 
     for image_id, img in real_truth.items():
         t = rles_to_runs(img.rles, img.height, img.width)
