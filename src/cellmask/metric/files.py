@@ -62,11 +62,7 @@ def read_truth_csv(path: str | Path) -> dict[str, TruthImage]:
             if img is None:
                 size = _parse_size(row[i_h], row[i_w], where, image_id)
                 img = out[image_id] = TruthImage(size[0], size[1], cell_type, [])
-            elif (row[i_h].strip(), row[i_w].strip(), cell_type) != (
-                str(img.height),
-                str(img.width),
-                img.cell_type,
-            ):
+            elif (_to_int(row[i_h]), _to_int(row[i_w]), cell_type) != (img.height, img.width, img.cell_type):
                 raise DataError(
                     f"{where}: id {image_id!r}: height/width/cell_type {row[i_h]}/{row[i_w]}/{cell_type} "
                     f"differ from the id's first row ({img.height}/{img.width}/{img.cell_type})"
@@ -77,12 +73,17 @@ def read_truth_csv(path: str | Path) -> dict[str, TruthImage]:
     return out
 
 
-def _parse_size(height: str, width: str, where: str, image_id: str) -> tuple[int, int]:
+def _to_int(text: str) -> int | None:
+    """``int(text)`` (surrounding spaces and leading zeros allowed), or ``None``."""
     try:
-        h, w = int(height), int(width)
+        return int(text)
     except ValueError:
-        h = w = 0
-    if h <= 0 or w <= 0:
+        return None
+
+
+def _parse_size(height: str, width: str, where: str, image_id: str) -> tuple[int, int]:
+    h, w = _to_int(height), _to_int(width)
+    if h is None or w is None or h <= 0 or w <= 0:
         raise DataError(
             f"{where}: id {image_id!r}: height/width {height!r}/{width!r} are not positive integers"
         )
