@@ -499,6 +499,8 @@ def test_scanner_matches_general_parser_on_real_files(tmp_path, real_truth, real
 _TRUTH = f"id,annotation,width,height,cell_type\na,1 3,{W},{H},cort\na,101 5,{W},{H},cort\nb,,{W},{H},astro\n"
 
 
+_P = "id,predicted\n"
+_A = _P + "a,1 3\n"  # not only a header: the scanner leaves such a file for that alone
 _NO_CELL_TYPE = _TRUTH.replace(",cell_type", "").replace(",cort", "").replace(",astro", "")
 _REORDERED = f"cell_type,height,width,annotation,id,x\ncort,{H},{W},1 3,a,q\nastro,{H},{W},,b,q\n"
 
@@ -518,12 +520,7 @@ _REORDERED = f"cell_type,height,width,annotation,id,x\ncort,{H},{W},1 3,a,q\nast
         pytest.param(_TRUTH, "id,predicted\na,1 3", True, id="no-final-line-end"),
         pytest.param("\ufeff" + _TRUTH, "id,predicted\na,1 3\n", True, id="truth-byte-order-mark"),
         pytest.param(_TRUTH, "id,predicted\na,01 3\n", True, id="leading-zero"),
-        pytest.param(
-            _TRUTH.replace(f",{W},{H},", f",0{W},0{H},"),
-            "id,predicted\na,1 3\n",
-            True,
-            id="size-leading-zero",
-        ),
+        pytest.param(_TRUTH.replace(f",{W},{H},", f",0{W},0{H},"), _A, True, id="size-leading-zero"),
         # anything unusual: the scanner declines, the general parser reads it
         pytest.param(_TRUTH, "id,predicted\n", False, id="only-a-header"),
         pytest.param(_TRUTH, 'id,predicted\n"a","1 3"\n', False, id="quoted"),
@@ -550,68 +547,24 @@ def test_scanner_matches_general_parser(tmp_path, truth_text: str, pred_text: st
     assert isinstance(_assert_scanner_matches_general(truth_csv, pred_csv), ScoreReport)
 
 
-@pytest.mark.parametrize(
-    ("truth_text", "pred_text", "message"),
-    [
-        pytest.param(
-            _TRUTH,
-            "id,predicted\na,1 3\nzz,5 2\n",
-            r"p\.csv, line 3: image id 'zz' is not in",
-            id="unknown-id",
-        ),
-        pytest.param(
-            _TRUTH,
-            "id,predicted\na,1 3\na,5 3 1 2\n",
-            r"p\.csv, line 3: image id 'a', prediction 1 .*unsorted",
-            id="unsorted",
-        ),
-        pytest.param(
-            _TRUTH,
-            "id,predicted\na,0 3\n",
-            r"p\.csv, line 2: image id 'a', prediction 0 .*start 0",
-            id="start-0",
-        ),
-        pytest.param(
-            _TRUTH,
-            "id,predicted\nb,\na,1 3 5\n",
-            r"p\.csv, line 3: image id 'a', prediction 0 .*odd",
-            id="odd",
-        ),
-        pytest.param(_TRUTH, "id,predicted\na,1999 3\n", r"p\.csv, line 2: .*beyond the image", id="beyond"),
-        pytest.param(
-            _TRUTH, "id,predicted\na,1 5 3 2\n", r"p\.csv, line 2: .*overlapping runs", id="overlap"
-        ),
-        pytest.param(_TRUTH, "id,predicted\na,1 3\n,5 2\n", r"p\.csv, line 3: empty id", id="empty-id"),
-        pytest.param(_TRUTH, "id,pred\na,1 3\n", r"p\.csv: missing column\(s\) predicted", id="no-column"),
-        pytest.param(
-            _TRUTH.replace(f"101 5,{W},{H}", f"101 5,{W},{H + 1}"),
-            "id,predicted\na,1 3\n",
-            r"t\.csv, line 3: id 'a'",
-            id="truth-sizes-differ",
-        ),
-        pytest.param(
-            _TRUTH.replace("101 5", "101 5 7"),
-            "id,predicted\na,1 3\n",
-            r"t\.csv, line 3: image id 'a', truth instance 1",
-            id="truth-rle",
-        ),
-        pytest.param(
-            _TRUTH.replace(f"b,,{W},{H}", f"b,,{W},0"),
-            "id,predicted\na,1 3\n",
-            r"t\.csv, line 4: id 'b'",
-            id="truth-size-0",
-        ),
-        pytest.param(
-            _TRUTH + "c,1 3\n", "id,predicted\na,1 3\n", r"t\.csv, line 5: 2 field\(s\)", id="truth-short-row"
-        ),
-        pytest.param(
-            _TRUTH + f",1 3,{W},{H},cort\n",
-            "id,predicted\na,1 3\n",
-            r"t\.csv, line 5: empty id",
-            id="truth-empty-id",
-        ),
-    ],
-)
+_MALFORMED = {  # name: (truth text, submission text, the error message the general parser gives)
+    "unknown-id": (_TRUTH, _P + "a,1 3\nzz,5 2\n", r"p\.csv, line 3: image id 'zz' is not in"),
+    "unsorted": (_TRUTH, _P + "a,1 3\na,5 3 1 2\n", r"p\.csv, line 3: .*'a', prediction 1 .*unsorted"),
+    "start-0": (_TRUTH, _P + "a,0 3\n", r"p\.csv, line 2: .*'a', prediction 0 .*start 0"),
+    "odd": (_TRUTH, _P + "b,\na,1 3 5\n", r"p\.csv, line 3: .*'a', prediction 0 .*odd"),
+    "beyond": (_TRUTH, _P + "a,1999 3\n", r"p\.csv, line 2: .*beyond the image"),
+    "overlap": (_TRUTH, _P + "a,1 5 3 2\n", r"p\.csv, line 2: .*overlapping runs"),
+    "empty-id": (_TRUTH, _P + "a,1 3\n,5 2\n", r"p\.csv, line 3: empty id"),
+    "no-column": (_TRUTH, "id,pred\na,1 3\n", r"p\.csv: missing column\(s\) predicted"),
+    "truth-sizes-differ": (_TRUTH.replace(f"5,{W},{H}", f"5,{W},{H + 1}"), _A, r"t\.csv, line 3: id 'a'"),
+    "truth-rle": (_TRUTH.replace("101 5", "101 5 7"), _A, r"t\.csv, line 3: .*'a', truth instance 1"),
+    "truth-size-0": (_TRUTH.replace(f"b,,{W},{H}", f"b,,{W},0"), _A, r"t\.csv, line 4: id 'b'"),
+    "truth-short-row": (_TRUTH + "c,1 3\n", _A, r"t\.csv, line 5: 2 field\(s\)"),
+    "truth-empty-id": (_TRUTH + f",1 3,{W},{H},cort\n", _A, r"t\.csv, line 5: empty id"),
+}
+
+
+@pytest.mark.parametrize(("truth_text", "pred_text", "message"), _MALFORMED.values(), ids=_MALFORMED)
 def test_scanner_leaves_malformed_files_to_the_general_parser(
     tmp_path, truth_text: str, pred_text: str, message: str
 ):
