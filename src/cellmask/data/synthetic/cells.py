@@ -167,6 +167,11 @@ class Cell:
 
 
 def make_cell(rng: np.random.Generator, style: CellStyle, centre: np.ndarray) -> Cell:
+    """One cell of ``style`` around ``centre`` (float ``[2]``, x, y), not yet rasterised.
+
+    A flat cell (``flat_frac`` of them) is one large faint body; any other is a body with
+    ``arms`` tapering processes (part of the mask) and ``fibres`` thin ones (not in the mask).
+    """
     flat = bool(rng.random() < style.flat_frac)
     angle = rng.uniform(0.0, np.pi)
     if flat:
