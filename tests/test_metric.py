@@ -430,15 +430,9 @@ def test_truth_csv_errors(tmp_path):
         read_truth_csv(write_csv(tmp_path / "v.csv", ["id", "annotation"], [["x", a]]))
 
 
-def _general(truth_csv: Path, pred_csv: Path) -> ScoreReport:
-    from cellmask.submission import read_submission
-
-    return score_submission(read_truth_csv(truth_csv), read_submission(pred_csv))
-
-
-def _same_report(a: ScoreReport, b: ScoreReport) -> None:
-    assert a.per_image == b.per_image and a.class_counts == b.class_counts
-    np.testing.assert_array_equal(a.precision, b.precision)
+# ----------------------------------------------------------------------------------------------
+# The bytes-level scanner (cellmask.metric.scan) against the general parser
+# ----------------------------------------------------------------------------------------------
 
 
 def _write_text(path: Path, header: str, rows: list[str], end: str = "\n") -> Path:
@@ -446,9 +440,33 @@ def _write_text(path: Path, header: str, rows: list[str], end: str = "\n") -> Pa
     return path
 
 
-def test_fast_file_path_matches_general_path(tmp_path, real_truth, real_pred):
-    """The bytes-level scan of score_files gives exactly what csv + rles_to_runs give."""
-    from cellmask.metric import _score_files_fast
+def _outcome(truth_csv: Path, pred_csv: Path, scanner: bool) -> ScoreReport | str:
+    """What ``score_files`` gives, a report or an error message, with the scanner on or off
+    (off: the general parser alone, ``read_truth_csv`` + ``read_submission``)."""
+    with pytest.MonkeyPatch.context() as m:
+        if not scanner:
+            m.setattr("cellmask.metric.files.score_plain_files", lambda *_: None)
+        try:
+            return score_files(truth_csv, pred_csv)
+        except DataError as exc:
+            return str(exc)
+
+
+def _assert_scanner_matches_general(truth_csv: Path, pred_csv: Path) -> ScoreReport | str:
+    """Same report (to the bit) or the same error message with and without the scanner."""
+    fast, general = _outcome(truth_csv, pred_csv, True), _outcome(truth_csv, pred_csv, False)
+    if isinstance(fast, str) or isinstance(general, str):
+        assert fast == general
+        return fast
+    assert fast.to_dict() == general.to_dict() and fast.per_image == general.per_image
+    np.testing.assert_array_equal(fast.precision, general.precision)
+    return fast
+
+
+def test_scanner_matches_general_parser_on_real_files(tmp_path, real_truth, real_pred):
+    """The scanner reads the real data (plain, CRLF, rows shuffled, train.csv itself) and
+    gives exactly the general parser's report."""
+    from cellmask.metric.scan import score_plain_files
 
     truth_rows = [
         f"{k},{r},{v.width},{v.height},{v.cell_type}" for k, v in real_truth.items() for r in v.rles
@@ -462,73 +480,109 @@ def test_fast_file_path_matches_general_path(tmp_path, real_truth, real_pred):
     cases = {
         "plain": (truth_rows, pred_rows, "\n"),
         "crlf": (truth_rows, pred_rows, "\r\n"),
-        "rows shuffled": (list(rng.permutation(truth_rows)), list(rng.permutation(pred_rows)), "\n"),
+        "shuffled": (list(rng.permutation(truth_rows)), list(rng.permutation(pred_rows)), "\n"),
     }
     for name, (t_rows, p_rows, end) in cases.items():
-        truth_csv = _write_text(tmp_path / f"t_{len(name)}.csv", header, t_rows, end)
-        pred_csv = _write_text(tmp_path / f"p_{len(name)}.csv", "id,predicted", p_rows, end)
-        fast = _score_files_fast(truth_csv, pred_csv)
-        assert fast is not None, name
-        _same_report(fast, _general(truth_csv, pred_csv))
-        assert fast.per_image["nothing"] == 0.0  # a false positive on an empty image
+        truth_csv = _write_text(tmp_path / f"t_{name}.csv", header, t_rows, end)
+        pred_csv = _write_text(tmp_path / f"p_{name}.csv", "id,predicted", p_rows, end)
+        assert score_plain_files(truth_csv, pred_csv) is not None, name  # the scanner read it
+        report = _assert_scanner_matches_general(truth_csv, pred_csv)
+        assert report.per_image["nothing"] == 0.0  # a false positive on an empty image
     # Real train.csv (9 columns, spaces in elapsed_timedelta) scored against itself.
     self_csv = _write_text(
         tmp_path / "self.csv", "id,predicted", [f"{k},{r}" for k, v in real_truth.items() for r in v.rles]
     )
-    fast = _score_files_fast(REAL_CSV, self_csv)
-    assert fast is not None and fast.score == 1.0
-    _same_report(fast, _general(REAL_CSV, self_csv))
+    assert score_plain_files(REAL_CSV, self_csv) is not None
+    assert _assert_scanner_matches_general(REAL_CSV, self_csv).score == 1.0
+
+
+_TRUTH = f"id,annotation,width,height,cell_type\na,1 3,{W},{H},cort\na,101 5,{W},{H},cort\nb,,{W},{H},astro\n"
+
+
+_P = "id,predicted\n"
+_A = _P + "a,1 3\n"  # not only a header: the scanner leaves such a file for that alone
+_NO_CELL_TYPE = _TRUTH.replace(",cell_type", "").replace(",cort", "").replace(",astro", "")
+_REORDERED = f"cell_type,height,width,annotation,id,x\ncort,{H},{W},1 3,a,q\nastro,{H},{W},,b,q\n"
 
 
 @pytest.mark.parametrize(
-    ("pred_text", "valid"),
+    ("truth_text", "pred_text", "scanned"),
     [
-        ('id,predicted\n"a","1 3"\n', True),  # quotes
-        ("id,predicted\na,1 3\n\nb,5 2\n", True),  # blank line
-        ("id,predicted\na,1  3\n", True),  # double space
-        ("id,predicted\na,01 3\n", True),  # leading zero
-        ("id,predicted\n a ,1 3\n", True),  # spaces around the id
-        ("id,predicted\na,1 3\nb,\n", True),  # an empty row
-        ("id,predicted\na,1 3\nzz,5 2\n", False),  # unknown id
-        ("id,predicted\na,5 3 1 2\n", False),  # unsorted runs
-        ("id,predicted\na,0 3\n", False),  # start 0
-        ("id,predicted\na,1 3 5\n", False),  # odd token count
-        ("id,predicted\na,1999 3\n", False),  # beyond the 40 x 50 image
-        ("id,predicted\na,1 3,x\n", True),  # a row with an extra field (DictReader keeps it)
+        # plain files: the scanner reads them
+        pytest.param(_TRUTH, "id,predicted\na,1 3\na,101 4\n", True, id="plain"),
+        pytest.param(_TRUTH.replace("\n", "\r\n"), "id,predicted\r\na,1 3\r\na,101 5\r\n", True, id="crlf"),
+        pytest.param(_TRUTH, "id,predicted\na,\nb,\n", True, id="empty-predicted"),
+        pytest.param(_TRUTH, "id,predicted\na,\na,101 5\nb,3 2\n", True, id="empty-and-not"),
+        pytest.param(_TRUTH, "id,predicted\na,1 3\nb,3 2\na,101 5\n", True, id="rows-of-an-id-apart"),
+        pytest.param(_TRUTH, "id,predicted,score\na,1 3,0.9\nb,3 2,0.2\n", True, id="extra-column"),
+        pytest.param(_TRUTH, "score,predicted,id\n0.9,1 3,a\n", True, id="columns-reordered"),
+        pytest.param(_REORDERED, "id,predicted\na,1 3\n", True, id="truth-columns-reordered"),
+        pytest.param(_TRUTH, "id,predicted\na,1 3", True, id="no-final-line-end"),
+        pytest.param("\ufeff" + _TRUTH, "id,predicted\na,1 3\n", True, id="truth-byte-order-mark"),
+        pytest.param(_TRUTH, "id,predicted\na,01 3\n", True, id="leading-zero"),
+        pytest.param(_TRUTH.replace(f",{W},{H},", f",0{W},0{H},"), _A, True, id="size-leading-zero"),
+        # anything unusual: the scanner declines, the general parser reads it
+        pytest.param(_TRUTH, "id,predicted\n", False, id="only-a-header"),
+        pytest.param(_TRUTH, 'id,predicted\n"a","1 3"\n', False, id="quoted"),
+        pytest.param(_TRUTH.replace("a,1 3,", 'a,"1 3",'), "id,predicted\na,1 3\n", False, id="truth-quoted"),
+        pytest.param(_TRUTH.replace("a,", '"a",'), 'id,predicted\n"a",1 3\n', False, id="ids-quoted"),
+        pytest.param(_TRUTH, "id,predicted\na,1 3\n\nb,5 2\n", False, id="blank-line"),
+        pytest.param(_TRUTH, "id,predicted\na,1  3\n", False, id="double-space"),
+        pytest.param(_TRUTH, "id,predicted\na,1\t3\n", False, id="tab"),
+        pytest.param(_TRUTH.replace("a,", " a ,"), "id,predicted\n a ,1 3\n", False, id="spaces-around-id"),
+        pytest.param(_TRUTH, "id,predicted\na,+1 3\n", False, id="plus-sign"),
+        pytest.param(_TRUTH, "id,predicted\na,1 3,x\n", False, id="field-beyond-header"),
+        pytest.param(_NO_CELL_TYPE, "id,predicted\na,1 3\n", False, id="truth-without-cell-type"),
     ],
 )
-def test_fast_file_path_falls_back(tmp_path, pred_text: str, valid: bool):
-    """Unusual or wrong files leave the fast path (None); the general path scores or names it."""
-    from cellmask.metric import _score_files_fast
+def test_scanner_matches_general_parser(tmp_path, truth_text: str, pred_text: str, scanned: bool):
+    """Odd but valid files: the same report with and without the scanner, and the scanner
+    takes exactly the plain ones (so this compares the two parsers, not one with itself)."""
+    from cellmask.metric.scan import score_plain_files
 
-    truth_csv = _write_text(
-        tmp_path / "t.csv", "id,annotation,width,height", [f"a,1 3,{W},{H}", f"b,,{W},{H}"]
-    )
-    pred_csv = tmp_path / "p.csv"
-    pred_csv.write_text(pred_text)
-    if valid:
-        report = score_files(truth_csv, pred_csv)
-        _same_report(report, _general(truth_csv, pred_csv))
-    else:
-        assert _score_files_fast(truth_csv, pred_csv) is None
-        with pytest.raises(DataError, match=r"p\.csv"):
-            score_files(truth_csv, pred_csv)
+    truth_csv, pred_csv = tmp_path / "t.csv", tmp_path / "p.csv"
+    truth_csv.write_bytes(truth_text.encode())
+    pred_csv.write_bytes(pred_text.encode())
+    assert (score_plain_files(truth_csv, pred_csv) is not None) == scanned
+    assert isinstance(_assert_scanner_matches_general(truth_csv, pred_csv), ScoreReport)
 
 
-def test_fast_file_path_checks_truth_consistency(tmp_path):
-    from cellmask.metric import _score_files_fast
+_MALFORMED = {  # name: (truth text, submission text, the error message the general parser gives)
+    "unknown-id": (_TRUTH, _P + "a,1 3\nzz,5 2\n", r"p\.csv, line 3: image id 'zz' is not in"),
+    "unsorted": (_TRUTH, _P + "a,1 3\na,5 3 1 2\n", r"p\.csv, line 3: .*'a', prediction 1 .*unsorted"),
+    "start-0": (_TRUTH, _P + "a,0 3\n", r"p\.csv, line 2: .*'a', prediction 0 .*start 0"),
+    "odd": (_TRUTH, _P + "b,\na,1 3 5\n", r"p\.csv, line 3: .*'a', prediction 0 .*odd"),
+    "beyond": (_TRUTH, _P + "a,1999 3\n", r"p\.csv, line 2: .*beyond the image"),
+    "overlap": (_TRUTH, _P + "a,1 5 3 2\n", r"p\.csv, line 2: .*overlapping runs"),
+    "empty-id": (_TRUTH, _P + "a,1 3\n,5 2\n", r"p\.csv, line 3: empty id"),
+    "no-column": (_TRUTH, "id,pred\na,1 3\n", r"p\.csv: missing column\(s\) predicted"),
+    "truth-sizes-differ": (_TRUTH.replace(f"5,{W},{H}", f"5,{W},{H + 1}"), _A, r"t\.csv, line 3: id 'a'"),
+    "truth-rle": (_TRUTH.replace("101 5", "101 5 7"), _A, r"t\.csv, line 3: .*'a', truth instance 1"),
+    "truth-size-0": (_TRUTH.replace(f"b,,{W},{H}", f"b,,{W},0"), _A, r"t\.csv, line 4: id 'b'"),
+    "truth-short-row": (_TRUTH + "c,1 3\n", _A, r"t\.csv, line 5: 2 field\(s\)"),
+    "truth-empty-id": (_TRUTH + f",1 3,{W},{H},cort\n", _A, r"t\.csv, line 5: empty id"),
+}
 
-    truth_csv = _write_text(
-        tmp_path / "t.csv", "id,annotation,width,height", [f"a,1 3,{W},{H}", f"a,9 3,{W},{H + 1}"]
-    )
-    pred_csv = _write_text(tmp_path / "p.csv", "id,predicted", ["a,1 3"])
-    assert _score_files_fast(truth_csv, pred_csv) is None
-    with pytest.raises(DataError, match=r"t\.csv, line 3: id 'a'"):
+
+@pytest.mark.parametrize(("truth_text", "pred_text", "message"), _MALFORMED.values(), ids=_MALFORMED)
+def test_scanner_leaves_malformed_files_to_the_general_parser(
+    tmp_path, truth_text: str, pred_text: str, message: str
+):
+    """A malformed file never gets a score from the scanner: the general parser names the
+    file, the line and the image id, exactly as without the scanner."""
+    from cellmask.metric.scan import score_plain_files
+
+    truth_csv, pred_csv = tmp_path / "t.csv", tmp_path / "p.csv"
+    truth_csv.write_bytes(truth_text.encode())
+    pred_csv.write_bytes(pred_text.encode())
+    assert score_plain_files(truth_csv, pred_csv) is None
+    with pytest.raises(DataError, match=message):
         score_files(truth_csv, pred_csv)
+    assert isinstance(_assert_scanner_matches_general(truth_csv, pred_csv), str)
 
 
 def test_run_and_pixel_intersections_agree(real_truth, real_pred):
-    from cellmask.metric import _intersections_by_pixels, _intersections_by_runs
+    from cellmask.metric.iou import _intersections_by_pixels, _intersections_by_runs
 
     for image_id, img in real_truth.items():
         t = rles_to_runs(img.rles, img.height, img.width)
@@ -577,14 +631,22 @@ def test_cli_missing_file(tmp_path, capsys):
     assert "nope.csv" in capsys.readouterr().err
 
 
-def test_import_is_light():
+def test_score_command_imports_nothing_heavy(tmp_path):
+    """``cellmask score`` starts fast (its start-up is part of what a user waits for): it
+    imports neither torch, cv2 nor PIL, on the scanner's path and on the general parser's."""
+    plain = _write_text(tmp_path / "plain.csv", "id,predicted", [f"0030fd0e6378,{rect(0, 0, 3, 3)}"])
+    quoted = _write_text(tmp_path / "quoted.csv", "id,predicted", [f'"0030fd0e6378","{rect(0, 0, 3, 3)}"'])
     code = (
-        "import sys, cellmask.metric, cellmask.cli; "
-        "heavy = [m for m in ('torch', 'pandas', 'matplotlib', 'cv2', 'pycocotools') if m in sys.modules]; "
-        "print(heavy)"
+        "import sys; from cellmask.cli import main; "
+        f"codes = [main(['score', '--truth', {str(REAL_CSV)!r}, '--pred', p]) for p in sys.argv[1:]]; "
+        "heavy = ('torch', 'torchvision', 'timm', 'cv2', 'PIL', 'matplotlib', 'pandas', 'pycocotools'); "
+        "print(codes, [m for m in heavy if m in sys.modules])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(plain), str(quoted)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[0, 0] []"
 
 
 def test_plot_per_threshold(real_truth):
