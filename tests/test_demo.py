@@ -15,10 +15,8 @@ from cellmask.models import build_detector
 from cellmask.models.segmenter import build_segmenter
 from cellmask.predict import (
     detect,
-    image_class,
     load_detector,
     load_segmenter,
-    predict_config,
     predict_image,
     predict_records,
     segment_detections,
@@ -30,34 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ pieces
-
-
-def test_image_class_majority_vote():
-    # two confident cort, one confident astro, many weak shsy5y: the confident ones vote
-    labels = [2, 2, 3, 1, 1, 1, 1, 1]
-    scores = [0.9, 0.8, 0.95, 0.1, 0.2, 0.1, 0.1, 0.1]
-    assert image_class(labels, scores) == 2
-    # everybody votes with a zero voting score: the weak shsy5y sum to 0.6 < 1.7 of cort
-    assert image_class(labels, scores, min_score=0.0) == 2
-    assert image_class([1] * 5 + [2], [0.4] * 5 + [0.9], min_score=0.0) == 1  # 2.0 > 0.9
-    # nobody reaches the voting score: everybody votes
-    assert image_class([1, 1, 3], [0.2, 0.2, 0.3], min_score=0.99) == 1
-    # the summed score decides, not the count: one strong astro beats two weak cort
-    assert image_class([3, 2, 2], [0.95, 0.3, 0.3]) == 3
-    # equal sums: more votes win; full tie: the lower label
-    assert image_class([3, 1, 1], [0.8, 0.4, 0.4]) == 1
-    assert image_class([3, 1], [0.7, 0.7]) == 1
-    assert image_class(torch.tensor([3]), torch.tensor([0.1])) == 3
-    assert image_class([], []) is None
-    with pytest.raises(ValueError, match="shape"):
-        image_class([1, 2], [0.5])
-
-
-def test_predict_config_rejects_unknown_keys():
-    assert predict_config(None)["score_thresholds"]["cort"] == 0.55
-    assert predict_config({"predict": {"min_area": 0}})["min_area"] == 0
-    with pytest.raises(ValueError, match="score_treshold"):
-        predict_config({"score_treshold": 0.3})
 
 
 class _FixedDetector(torch.nn.Module):
@@ -79,17 +49,14 @@ class _FixedDetector(torch.nn.Module):
 class _BoxSegmenter(torch.nn.Module):
     """A segmenter that fills every box (probability 1 inside the crop)."""
 
+    threshold = 0.5
+
     def __init__(self) -> None:
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def predict(self, image, boxes, batch_size=None, threshold=None, dense=True, amp=False):
-        from cellmask.models.segmenter import paste_masks
-
-        probs = torch.ones((len(boxes), 1, 8, 8))
-        return paste_masks(
-            probs, boxes, tuple(image.shape[-2:]), 0.5 if threshold is None else threshold, dense
-        )
+    def predict_probs(self, images, rois, batch_size=None, amp=False):
+        return torch.ones((len(rois), 1, 8, 8))
 
 
 def test_predict_image_masks_are_disjoint_and_one_class():
@@ -98,7 +65,7 @@ def test_predict_image_masks_are_disjoint_and_one_class():
     scores = [0.9, 0.8, 0.7, 0.3, 0.9]
     labels = [2, 2, 3, 2, 2]  # cort by vote; the astro box becomes cort
     detector, segmenter = _FixedDetector(boxes, scores, labels), _BoxSegmenter()
-    masks, out_scores, out_labels = predict_image(detector, segmenter, image, {"min_area": 50})
+    masks, out_scores, out_labels = predict_image(detector, segmenter, image, {"min_area": 50, "tta": False})
     assert masks.dtype == bool and masks.shape[1:] == image.shape
     assert masks.sum(0).max() == 1, "predicted masks overlap"
     assert (out_labels == CLASS_TO_LABEL["cort"]).all()
@@ -177,7 +144,9 @@ def test_predict_records_gives_rles_per_image(tmp_path):
     records = list_images(tmp_path)
     detector = _FixedDetector([[4, 4, 24, 24], [30, 10, 50, 40]], [0.9, 0.6], [3, 3])
     detections = {}
-    out = predict_records(detector, _BoxSegmenter(), records, progress=False, detections=detections)
+    out = predict_records(
+        detector, _BoxSegmenter(), records, {"tta": False}, progress=False, detections=detections
+    )
     assert list(out) == ["a", "b"] and set(detections) == {"a", "b"}
     assert len(out["a"]) == 2
     masks = np.stack([rle_decode(r, 48, 64) for r in out["a"]])
