@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_SCORE_THRESHOLDS",
     "filter_by_score",
     "min_area_for",
+    "min_area_from_areas",
     "postprocess_instances",
     "remove_overlaps",
     "remove_overlaps_windows",
@@ -33,15 +34,39 @@ __all__ = [
 DEFAULT_SCORE_THRESHOLDS: dict[str, float] = {"shsy5y": 0.25, "cort": 0.55, "astro": 0.35}
 """The paper's per-class score thresholds (keep ``score >= threshold``)."""
 
-# Minimum instance area in pixels, per class. Chosen from the real annotations in
-# tests/fixtures/sartorius_real/train.csv (1167 instances of 6 images, areas via rle_area):
-# the 1st percentile of instance areas, rounded down to a multiple of 10, so that at most ~1%
-# of real cells would be dropped while slivers left by overlap removal go away.
+# Minimum instance area in pixels, per class: min_area_from_areas() (the 1st percentile of the
+# class's instance areas, rounded down to a multiple of 10) applied to the real annotations in
+# tests/fixtures/sartorius_real/train.csv (1167 instances of 6 images, areas via rle_area), so
+# that about 1% of real cells would be dropped while slivers left by overlap removal go away:
 #   shsy5y  891 cells: min 46, p1  85.6, p5 129.5, median 260  -> 80
 #   cort     78 cells: min 84, p1  91.7, p5 116.4, median 204  -> 90
 #   astro   198 cells: min 138, p1 150.8, p5 241.8, median 635.5 -> 150
+# The paper uses none (predict option min_area: 0).
 DEFAULT_MIN_AREA: dict[str, int] = {"shsy5y": 80, "cort": 90, "astro": 150}
 """Per-class minimum instance area in pixels (near the 1st percentile of real cell areas)."""
+
+
+def min_area_from_areas(
+    areas_by_class: Mapping[str, Sequence[int] | np.ndarray], quantile: float = 0.01, step: int = 10
+) -> dict[str, int]:
+    """The rule behind :data:`DEFAULT_MIN_AREA`: per class, the ``quantile`` of the instance
+    areas (numpy's linear interpolation), rounded down to a multiple of ``step``.
+
+    Rounding down keeps the promise: at most about ``quantile`` of the cells the areas came from
+    are smaller than the result.
+
+    Raises:
+        ValueError: a class without any area, or ``quantile`` outside [0, 1].
+    """
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    out = {}
+    for name, areas in areas_by_class.items():
+        areas = np.asarray(areas, dtype=np.float64)
+        if areas.size == 0:
+            raise ValueError(f"class {name!r}: no instance areas")
+        out[name] = int(np.quantile(areas, quantile) // step * step)
+    return out
 
 
 def _class_values(
