@@ -35,17 +35,39 @@ def build(cfg: dict, seed: int = 0) -> torch.nn.Module:
 
 
 def save_run(
-    out: Path, cfg: dict, model: torch.nn.Module | None = None, checkpoint: str = "best.pt", seed: int = 0
+    out: Path,
+    cfg: dict,
+    model: torch.nn.Module | None = None,
+    checkpoint: str = "best.pt",
+    seed: int = 0,
+    pretrained: bool = False,
 ) -> Path:
-    """Write ``out/config.yaml`` and ``out/<checkpoint>`` (the engine's weights format); returns ``out``."""
+    """Write ``out/config.yaml`` and ``out/<checkpoint>`` (the engine's weights format); returns
+    ``out``. ``pretrained``: the saved config says ``backbone.pretrained: true``, as a paper run's
+    does (the model itself is built without ImageNet weights)."""
+    import copy
+
     from cellmask.config import save_config
     from cellmask.engine import save_checkpoint
 
     model = build(cfg, seed) if model is None else model
+    cfg = copy.deepcopy(cfg)
+    cfg["model"]["backbone"]["pretrained"] = pretrained
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     save_checkpoint({"model": model.state_dict(), "config": cfg, "epoch": 1}, out / checkpoint)
     return out
+
+
+def block_network(monkeypatch) -> None:
+    """Make opening any socket (or resolving a name) an error for the rest of the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("inference tried to open a network connection")
+
+    for name in ("socket", "create_connection", "getaddrinfo"):
+        monkeypatch.setattr(socket, name, refuse)
 
 
 def branch_config(name: str, weight: float | None = None, detections: int = 10) -> dict:

@@ -5,7 +5,6 @@ may give it by mistake (other sizes, corrupt or colour images, an empty folder).
 from __future__ import annotations
 
 import csv
-import socket
 from pathlib import Path
 
 import cv2
@@ -15,6 +14,7 @@ import torch
 from _predict_helpers import (
     BRANCH_CONFIGS,
     SEGMENTER_CONFIG,
+    block_network,
     branch_config,
     build,
     run_config,
@@ -46,11 +46,12 @@ PERMISSIVE = ["predict.score_thresholds=0.0", "predict.min_area=4", "predict.vot
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
+    # the configs say pretrained: true, as paper runs do: loading must not fetch ImageNet weights
     out = {
-        f"b{i}": save_run(root / f"b{i}", branch_config(name, weight=w), seed=i)
+        f"b{i}": save_run(root / f"b{i}", branch_config(name, weight=w), seed=i, pretrained=True)
         for i, (name, w) in enumerate(zip(BRANCH_CONFIGS, (2, 3, 3), strict=True))
     }
-    out["seg"] = save_run(root / "seg", run_config(SEGMENTER_CONFIG))
+    out["seg"] = save_run(root / "seg", run_config(SEGMENTER_CONFIG), pretrained=True)
     silent_cfg = branch_config(BRANCH_CONFIGS[0])
     out["silent"] = save_run(root / "silent", silent_cfg, silence_detector(build(silent_cfg)))
     return out
@@ -59,13 +60,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture()
 def no_network(monkeypatch):
     """Any socket (or name lookup) during the test is an error."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("inference tried to open a network connection")
-
-    monkeypatch.setattr(socket, "socket", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    block_network(monkeypatch)
 
 
 # ------------------------------------------------------------------------------ today's output

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _predict_helpers import SEGMENTER_CONFIG, branch_config, build, run_config, save_run
+from _predict_helpers import SEGMENTER_CONFIG, block_network, branch_config, build, run_config, save_run
 
 from cellmask.engine import CheckpointError
 from cellmask.predict import Predictor, load_detector, load_run_model, load_segmenter, resolve_run
@@ -63,11 +63,10 @@ def test_weight_and_name_come_from_the_run_config(tmp_path, runs):
     assert not any(p.requires_grad and p.grad is not None for p in pred.segmenter.parameters())
 
 
-def test_loaded_weights_equal_the_saved_ones_with_pretrained_forced_off(tmp_path):
-    cfg = branch_config(FASTER)
-    model = build(cfg, seed=3)
-    cfg["model"]["backbone"]["pretrained"] = True  # as a paper run says: loading must not download
-    run = save_run(tmp_path / "r", cfg, model)
+def test_loaded_weights_equal_the_saved_ones_with_pretrained_forced_off(tmp_path, monkeypatch):
+    model = build(branch_config(FASTER), seed=3)
+    run = save_run(tmp_path / "r", branch_config(FASTER), model, pretrained=True)
+    block_network(monkeypatch)  # the config asks for ImageNet weights: loading must not fetch them
     loaded, loaded_cfg = load_detector(run)
     assert not loaded.training and loaded_cfg["model"]["backbone"]["pretrained"] is True
     for key, value in model.state_dict().items():

@@ -386,12 +386,10 @@ def tune(
     Returns:
         a :class:`TuneResult` (``.best``, ``.score``, ``.default_score``, ``.gain``, ``.config``).
     """
-    from cellmask.evaluate import load_eval_records
-    from cellmask.predict.predictor import Predictor
+    from cellmask.evaluate import predictor_and_records
 
-    predictor = Predictor.from_runs(runs, segmenter, config, overrides, device=device, cache=cache)
-    configs = [b.run.config for b in predictor.branches if b.run is not None]
-    records = load_eval_records(data, configs, split)
+    options = {"config": config, "overrides": overrides, "device": device, "cache": cache}
+    predictor, records = predictor_and_records(data, runs, segmenter, split, **options)
     return tune_predictor(predictor, records, score_grid, mask_grid, out, progress=progress)
 
 
@@ -399,42 +397,21 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     """The ``cellmask tune`` arguments."""
     from cellmask.predict.folder import add_common_arguments
 
-    p.add_argument("--data", required=True, metavar="ROOT", help="Kaggle-layout root (train.csv, train/)")
-    add_common_arguments(p)
-    p.add_argument("--split", choices=("val", "all"), default="val", help="default val")
+    add_common_arguments(p, data=True)
     p.add_argument("--out", default="runs/tune", help="output folder (default runs/tune)")
-    p.add_argument(
-        "--score-grid",
-        type=float,
-        nargs="+",
-        default=list(SCORE_GRID),
-        metavar="T",
-        help="score thresholds tried",
-    )
-    p.add_argument(
-        "--mask-grid",
-        type=float,
-        nargs="+",
-        default=list(MASK_GRID),
-        metavar="M",
-        help="mask thresholds tried",
-    )
+    for flag, grid, what in (("--score-grid", SCORE_GRID, "score"), ("--mask-grid", MASK_GRID, "mask")):
+        p.add_argument(
+            flag, type=float, nargs="+", default=list(grid), metavar="T", help=f"{what} thresholds tried"
+        )
 
 
 def cli_tune(args: argparse.Namespace) -> int:
     """Handler of ``cellmask tune``."""
+    from cellmask.predict.folder import common_options
+
+    grids = {"score_grid": args.score_grid, "mask_grid": args.mask_grid}
     result = tune(
-        args.data,
-        args.runs,
-        args.segmenter,
-        split=args.split,
-        out=args.out,
-        score_grid=args.score_grid,
-        mask_grid=args.mask_grid,
-        device=args.device,
-        cache=args.cache,
-        config=args.config,
-        overrides=list(args.overrides) or None,
+        args.data, args.runs, args.segmenter, split=args.split, out=args.out, **grids, **common_options(args)
     )
     print(result.summary())
     return 0

@@ -37,6 +37,7 @@ __all__ = [
     "evaluate",
     "evaluate_predictor",
     "load_eval_records",
+    "predictor_and_records",
     "run_rows",
 ]
 
@@ -165,6 +166,23 @@ def _plot_main(main: RowResult, path: Path, plot: Any) -> Path:
     return path
 
 
+def predictor_and_records(
+    data: str | Path,
+    runs: Sequence[str | Path],
+    segmenter: str | Path,
+    split: str = "val",
+    **options: Any,
+) -> tuple[Any, list]:
+    """``(Predictor.from_runs(runs, segmenter, **options), the records of split)``: what
+    ``evaluate`` and ``tune`` start from (``options``: ``config``, ``overrides``, ``device``,
+    ``cache``)."""
+    from cellmask.predict.predictor import Predictor
+
+    predictor = Predictor.from_runs(runs, segmenter, **options)
+    configs = [b.run.config for b in predictor.branches if b.run is not None]
+    return predictor, load_eval_records(data, configs, split)
+
+
 def evaluate(
     data: str | Path,
     runs: Sequence[str | Path],
@@ -196,10 +214,10 @@ def evaluate(
         an :class:`EvaluateResult` (``.report.score``, ``.rows``, ``.summary()``).
     """
     from cellmask.engine import CheckpointError
-    from cellmask.predict.predictor import Predictor
     from cellmask.predict.runs import load_run_model, resolve_run
 
-    predictor = Predictor.from_runs(runs, segmenter, config, overrides, device=device, cache=cache)
+    options = {"config": config, "overrides": overrides, "device": device, "cache": cache}
+    predictor, records = predictor_and_records(data, runs, segmenter, split, **options)
     base = None
     if baseline is not None:
         spec = resolve_run(baseline)
@@ -208,8 +226,6 @@ def evaluate(
                 f"{baseline}: the baseline must be a cascade_mask_rcnn run, got {spec.kind}"
             )
         base = (spec.name, load_run_model(spec, "detector", predictor.device))
-    configs = [b.run.config for b in predictor.branches if b.run is not None]
-    records = load_eval_records(data, configs, split)
     return evaluate_predictor(predictor, records, out, ablation, base, split, progress)
 
 
@@ -217,11 +233,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     """The ``cellmask evaluate`` arguments."""
     from cellmask.predict.folder import add_common_arguments
 
-    p.add_argument("--data", required=True, metavar="ROOT", help="Kaggle-layout root (train.csv, train/)")
-    add_common_arguments(p)
-    p.add_argument(
-        "--split", choices=("val", "all"), default="val", help="val: the split training held out (default)"
-    )
+    add_common_arguments(p, data=True)
     p.add_argument("--ablation", action="store_true", help="also score each branch alone and every variant")
     p.add_argument(
         "--baseline", default=None, metavar="RUN", help="Cascade Mask R-CNN run: the ablation's baseline row"
@@ -231,6 +243,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 def cli_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``cellmask evaluate``."""
+    from cellmask.predict.folder import common_options
+
     result = evaluate(
         args.data,
         args.runs,
@@ -239,10 +253,7 @@ def cli_evaluate(args: argparse.Namespace) -> int:
         args.ablation,
         args.out,
         baseline=args.baseline,
-        device=args.device,
-        cache=args.cache,
-        config=args.config,
-        overrides=list(args.overrides) or None,
+        **common_options(args),
     )
     print(result.summary())
     return 0

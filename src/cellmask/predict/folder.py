@@ -24,7 +24,15 @@ import numpy as np
 
 from cellmask.predict.options import config_path_for, save_predict_config
 
-__all__ = ["PredictResult", "add_predict_arguments", "cli_predict", "format_timings", "predict_folder"]
+__all__ = [
+    "PredictResult",
+    "add_common_arguments",
+    "add_predict_arguments",
+    "cli_predict",
+    "common_options",
+    "format_timings",
+    "predict_folder",
+]
 
 
 @dataclass
@@ -159,9 +167,17 @@ def predict_folder(
     )
 
 
-def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    """``--runs``, ``--segmenter``, ``--device``, ``--cache``, ``--config``, ``--set`` (predict,
-    evaluate and tune share them)."""
+def add_common_arguments(p: argparse.ArgumentParser, data: bool = False) -> None:
+    """The arguments ``predict``, ``evaluate`` and ``tune`` share: ``--runs``, ``--segmenter``,
+    ``--device``, ``--cache``, ``--config``, ``--set`` (with ``data``: also ``--data``, ``--split``)."""
+    if data:
+        p.add_argument("--data", required=True, metavar="ROOT", help="Kaggle-layout root (train.csv, train/)")
+        p.add_argument(
+            "--split",
+            choices=("val", "all"),
+            default="val",
+            help="val: the split training held out (default)",
+        )
     p.add_argument(
         "--runs", nargs="+", required=True, metavar="RUN", help="detector run directories (or checkpoints)"
     )
@@ -183,6 +199,16 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def common_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``device``, ``cache``, ``config``, ``overrides`` of :func:`add_common_arguments`, as keywords."""
+    return {
+        "device": args.device,
+        "cache": args.cache,
+        "config": args.config,
+        "overrides": list(args.overrides) or None,
+    }
+
+
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     """The ``cellmask predict`` arguments."""
     p.add_argument("--images", required=True, metavar="DIR", help="folder of gray images (e.g. test/)")
@@ -194,16 +220,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
 def cli_predict(args: argparse.Namespace) -> int:
     """Handler of ``cellmask predict``: 0, or 1 when the written submission is invalid."""
     result = predict_folder(
-        args.images,
-        args.runs,
-        args.segmenter,
-        args.out,
-        device=args.device,
-        overlays=args.overlays,
-        cache=args.cache,
-        config=args.config,
-        overrides=list(args.overrides) or None,
-        progress=True,
+        args.images, args.runs, args.segmenter, args.out, overlays=args.overlays, **common_options(args)
     )
     print(result.summary())
     return 0 if result.ok else 1

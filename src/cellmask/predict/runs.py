@@ -271,29 +271,18 @@ def load_run_model(spec: RunSpec, expect: str, device: str | torch.device = "cpu
     return model.to(device).eval()
 
 
-def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a detector from a run directory or a ``cellmask train`` checkpoint.
-
-    Returns:
-        ``(model in eval mode on device, the run's resolved config)``.
-
-    Raises:
-        FileNotFoundError: no such run/checkpoint (the message names it).
-        CheckpointError: unreadable, not a detector, or weights that do not fit the config.
-    """
+def _load(path: str | Path, expect: str, device: str | torch.device) -> tuple[torch.nn.Module, dict]:
     spec = resolve_run(path)
-    return load_run_model(spec, "detector", device), spec.config
+    return load_run_model(spec, expect, device), spec.config
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """``(detector in eval mode on device, its run's config)`` from a run directory or checkpoint
+    (:func:`resolve_run`, :func:`load_run_model`; errors name the file)."""
+    return _load(path, "detector", device)
 
 
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the segmenter from a run directory or a ``cellmask train`` checkpoint.
-
-    Returns:
-        ``(Segmenter in eval mode on device, the run's resolved config)``.
-
-    Raises:
-        FileNotFoundError: no such run/checkpoint (the message names it).
-        CheckpointError: unreadable, not a segmenter, or weights that do not fit the config.
-    """
-    spec = resolve_run(path)
-    return load_run_model(spec, "segmenter", device), spec.config
+    """``(segmenter in eval mode on device, its run's config)`` from a run directory or checkpoint
+    (:func:`resolve_run`, :func:`load_run_model`; errors name the file)."""
+    return _load(path, "segmenter", device)
