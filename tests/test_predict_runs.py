@@ -3,6 +3,7 @@ error for each way a run can be wrong (missing, corrupt, not fitting its config,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,20 @@ def test_inference_model_replaces_a_wrapper(tmp_path, monkeypatch):
     assert not isinstance(model, _Wrapper) and not model.training
     for key, value in wrapper.teacher.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_fingerprint_changes_with_the_checkpoint_and_the_model_config(tmp_path, runs):
+    run = tmp_path / "fp"
+    run.mkdir()
+    for name in ("best.pt", "config.yaml"):
+        (run / name).write_bytes((runs["det"] / name).read_bytes())
+    first = resolve_run(run).fingerprint()
+    assert resolve_run(run).fingerprint() == first  # stable
+    stat = (run / "best.pt").stat()
+    os.utime(run / "best.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # retrained in place
+    second = resolve_run(run).fingerprint()
+    assert second != first
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["roi"]["score_thresh"] = 0.3  # an inference-time edit changes the detections
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert resolve_run(run).fingerprint() not in (first, second)
