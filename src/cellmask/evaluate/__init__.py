@@ -91,6 +91,7 @@ def load_eval_records(data: str | Path, configs: Sequence[Mapping[str, Any]], sp
     if split not in ("val", "all"):
         raise ValueError(f"split must be 'val' or 'all', got {split!r}")
     if split == "all":
+        log.warning("--split all scores the training images too: an optimistic figure")
         layout = CompetitionLayout(Path(data))
         return read_train_csv(layout.train_csv, layout.train_dir)
     val = load_split(dict(configs[0]), data, "sartorius")[1]
