@@ -178,8 +178,10 @@ def load_predict_config(
 
 
 def predict_output_config(opts: Mapping[str, Any], runs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``{"predict": opts, "runs": runs}``: what :func:`save_predict_config` writes."""
-    out: dict[str, Any] = {"predict": copy.deepcopy(dict(opts))}
+    """``{"predict": opts, "runs": runs}``: what :func:`save_predict_config` writes. ``device`` is
+    written as ``null``: it belongs to the machine, not to the pipeline (a config tuned on a CPU
+    must not pin a Kaggle GPU run to the CPU)."""
+    out: dict[str, Any] = {"predict": {**copy.deepcopy(dict(opts)), "device": None}}
     if runs:
         out["runs"] = copy.deepcopy(dict(runs))
     return out
