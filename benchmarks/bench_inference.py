@@ -80,7 +80,9 @@ def build_branches():
         model = build_detector(cfg["model"], num_classes=4)
         if callable(getattr(model, "inference_model", None)):
             model = model.inference_model()
-        label = model_name(cfg) + ("" if name else " (Soft Teacher's teacher)")
+        label = model_name(cfg)
+        if name is None:  # the teacher is what runs at inference
+            label += " (teacher)" if path.name.startswith("soft_teacher") else " (Soft Teacher's teacher)"
         branches.append(Branch(label, model.eval(), weight))
     return branches
 
