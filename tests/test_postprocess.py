@@ -12,8 +12,10 @@ from cellmask.postprocess import (
     DEFAULT_SCORE_THRESHOLDS,
     filter_by_score,
     min_area_for,
+    min_area_from_areas,
     postprocess_instances,
     remove_overlaps,
+    remove_overlaps_windows,
 )
 
 H, W = 520, 704  # the competition's image size
@@ -202,12 +204,54 @@ def test_min_area_for_maps_labels_to_class_minimums() -> None:
         min_area_for(labels, {"blob": 1})
 
 
-def test_default_min_areas_keep_almost_every_real_cell(real_rows: list[dict[str, str]]) -> None:
-    assert set(DEFAULT_MIN_AREA) == set(CLASSES)
-    for name in CLASSES:
-        areas = np.array([rle_area(r["annotation"], H, W) for r in real_rows if r["cell_type"] == name])
-        below = float(np.mean(areas < DEFAULT_MIN_AREA[name]))
-        assert below <= 0.02, (name, below)
+@pytest.mark.parametrize("seed", range(5))
+def test_min_area_rule_drops_at_most_the_quantile_and_is_the_largest_such_step(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    areas = {
+        "shsy5y": rng.lognormal(5.5, 0.5, 500).round().astype(int),
+        "cort": rng.integers(40, 400, 77),
+        "astro": np.r_[rng.integers(5, 20, 2), rng.integers(300, 3000, 198)],  # two slivers
+    }
+    rule = min_area_from_areas(areas, quantile=0.01, step=10)
+    for name, values in areas.items():
+        assert rule[name] % 10 == 0
+        dropped = np.mean(values < rule[name])
+        assert dropped <= 0.01 + 1 / len(values), (name, dropped)
+        # the next multiple of 10 would pass the quantile: the rule is not needlessly low
+        assert rule[name] + 10 > np.quantile(values, 0.01)
+    assert min_area_from_areas({"cort": [1, 2, 3]}, quantile=0.0, step=1) == {"cort": 1}
+    with pytest.raises(ValueError, match="astro"):
+        min_area_from_areas({"astro": []})
+
+
+def test_default_min_areas_are_the_rule_on_the_real_annotations(real_rows: list[dict[str, str]]) -> None:
+    # the defaults are derived data: recomputing them with the documented rule gives them back
+    areas = {
+        name: [rle_area(r["annotation"], H, W) for r in real_rows if r["cell_type"] == name]
+        for name in CLASSES
+    }
+    assert min_area_from_areas(areas) == DEFAULT_MIN_AREA
+
+
+def test_windowed_overlap_removal_equals_the_dense_one(real_masks: dict) -> None:
+    masks = real_masks["de504eaa5349"][1]
+    scores = np.random.default_rng(2).random(len(masks))
+    min_areas = np.random.default_rng(3).integers(0, 200, len(masks))
+    dense, keep = remove_overlaps(masks, scores, min_area=min_areas)
+    windows, offsets = [], []
+    for m in masks:  # loose windows: the mask's box grown by 2 px, clipped
+        ys, xs = np.nonzero(m)
+        y0, x0 = max(0, ys.min() - 2), max(0, xs.min() - 2)
+        windows.append(m[y0 : ys.max() + 3, x0 : xs.max() + 3])
+        offsets.append((y0, x0))
+    out, out_offsets, out_keep = remove_overlaps_windows(
+        windows, np.array(offsets), scores, (H, W), min_areas
+    )
+    np.testing.assert_array_equal(out_keep, keep)
+    for k, (win, (y0, x0)) in enumerate(zip(out, out_offsets, strict=True)):
+        full = np.zeros((H, W), bool)
+        full[y0 : y0 + win.shape[0], x0 : x0 + win.shape[1]] = win
+        np.testing.assert_array_equal(full, dense[k])
 
 
 # --- the composed step ------------------------------------------------------------------------

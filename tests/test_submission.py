@@ -238,3 +238,19 @@ def test_missing_files_exit_2(tmp_path: Path, test_images: Path, capsys) -> None
     path = write_submission(tmp_path / "submission.csv", {"a": []})
     assert main(["check-submission", str(path), "--images", str(tmp_path / "nowhere")]) == 2
     assert "no such images folder" in capsys.readouterr().err
+
+
+def test_window_runs_equal_the_runs_of_the_full_mask() -> None:
+    from cellmask.submission import window_to_rle
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        height, width = (int(v) for v in rng.integers(1, 12, 2))
+        h, w = int(rng.integers(0, height + 1)), int(rng.integers(0, width + 1))
+        y0, x0 = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+        window = rng.random((h, w)) < rng.random()
+        full = np.zeros((height, width), dtype=bool)
+        full[y0 : y0 + h, x0 : x0 + w] = window
+        assert window_to_rle(window, (y0, x0), width) == rle_encode(full), (height, width, h, w, y0, x0)
+    # a window spanning the full width: runs continue from one row onto the next
+    assert window_to_rle(np.ones((2, 4), bool), (1, 0), 4) == "5 8"

@@ -48,6 +48,24 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     add_train_arguments(p)
 
 
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    from cellmask.predict.folder import add_predict_arguments
+
+    add_predict_arguments(p)
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    from cellmask.evaluate import add_evaluate_arguments
+
+    add_evaluate_arguments(p)
+
+
+def _tune_args(p: argparse.ArgumentParser) -> None:
+    from cellmask.tune import add_tune_arguments
+
+    add_tune_arguments(p)
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     from cellmask.demo import add_demo_arguments
 
@@ -74,6 +92,21 @@ COMMANDS: dict[str, tuple[str, str, _Builder]] = {
         "cellmask.train:cli_train",
         "train a model (LIVECell pretraining or competition fine-tuning)",
         _train_args,
+    ),
+    "predict": (
+        "cellmask.predict.folder:cli_predict",
+        "the ensemble on a folder of images: submission.csv (checked) + its resolved config",
+        _predict_args,
+    ),
+    "evaluate": (
+        "cellmask.evaluate:cli_evaluate",
+        "score the ensemble on the validation split (per class, per IoU threshold; --ablation)",
+        _evaluate_args,
+    ),
+    "tune": (
+        "cellmask.tune:cli_tune",
+        "grid-search the per-class score thresholds and the mask threshold on the validation split",
+        _tune_args,
     ),
     "demo": (
         "cellmask.demo:cli_demo",

@@ -129,22 +129,6 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 # pieces
 
 
-MODEL_NAMES = {
-    "faster_rcnn": "Faster R-CNN",
-    "cascade_rcnn": "Cascade R-CNN",
-    "cascade_mask_rcnn": "Cascade Mask R-CNN",
-    "swin_tiny_patch4_window7_224": "Swin-T",
-    "resnext101_32x4d": "ResNeXt-101",
-    "resnest101e": "ResNeSt-101",
-}
-
-
-def _model_name(cfg: Mapping[str, Any]) -> str:
-    model = cfg["model"]
-    kind, backbone = str(model["type"]), str(model["backbone"]["name"])
-    return f"{MODEL_NAMES.get(kind, kind)} {MODEL_NAMES.get(backbone, backbone)}"
-
-
 def _config_path(name: str | Path, config_dir: Path) -> Path:
     """A config file: ``name`` itself if it exists or has a folder, else ``config_dir/name[.yaml]``."""
     path = Path(name)
@@ -291,7 +275,7 @@ def run_demo(
     from cellmask.metric import format_report, plot_per_threshold, score_files
     from cellmask.models.segmenter import evaluate_segmenter
     from cellmask.paths import CompetitionLayout
-    from cellmask.predict import load_detector, load_segmenter, predict_records
+    from cellmask.predict import Predictor, config_path_for, model_name, save_predict_config
     from cellmask.submission import check_submission, write_submission
     from cellmask.train import load_split, run_training
 
@@ -307,8 +291,7 @@ def run_demo(
 
     det_cfg = load_config(_config_path(detector, config_dir), profile=profile)
     seg_cfg = load_config(config_dir / SEGMENTER_CONFIG, profile=profile)
-    det_name = _model_name(det_cfg)
-    seg_name = "UperNet " + MODEL_NAMES.get(seg_cfg["model"]["backbone"]["name"], "")
+    det_name, seg_name = model_name(det_cfg), model_name(seg_cfg)
 
     # 1. data
     if synth:
@@ -344,25 +327,24 @@ def run_demo(
         t = time.perf_counter()
         run_training(seg_cfg, data, "sartorius", seg_dir, epochs=epochs, device=device)
         times["segmenter"] = time.perf_counter() - t
-    detector_model, _ = load_detector(det_ckpt, device)
-    segmenter_model, _ = load_segmenter(seg_ckpt, device)
+    for ckpt in (det_ckpt, seg_ckpt):  # inference reads the runs; name a missing checkpoint itself
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{ckpt}: no such checkpoint (train first, or drop --skip-train)")
+    predictor = Predictor.from_runs([det_dir], seg_dir, device=device)
 
     # 3. inference: validation images (scored), then test images (submission)
     _banner(f"3/4 inference on {len(val_records)} validation images, scored with the competition metric")
     t = time.perf_counter()
-    detections: dict[str, Any] = {}
-    val_pred = predict_records(
-        detector_model,
-        segmenter_model,
-        val_records,
-        {"device": device},
-        progress=progress,
-        detections=detections,
-    )
+    fused: dict[str, Any] = {}
+    val_pred = predictor.predict_records(val_records, progress=progress, detections=fused)
+    detections = {
+        k: {"boxes": d.boxes.astype("float32"), "scores": d.scores, "labels": d.labels}
+        for k, d in fused.items()
+    }
     val_detections = [detections[r.image_id] for r in val_records]
     box_ap = coco_box_ap(val_detections, val_records, num_classes=len(CLASSES) + 1)
     box_ap50_per_class = box_ap_per_class(val_detections, val_records)
-    miou = evaluate_segmenter(segmenter_model, val_records, device)
+    miou = evaluate_segmenter(predictor.segmenter, val_records, device)
     val_ids = [r.image_id for r in val_records]
     truth_csv = write_truth_csv(layout.train_csv, val_ids, out / "val_truth.csv")
     val_csv = write_submission(out / "val_submission.csv", val_pred, image_ids=val_ids)
@@ -372,10 +354,9 @@ def run_demo(
     print(f"(re-score: cellmask score --truth {truth_csv} --pred {val_csv})")
 
     test_records = list_images(layout.test_dir)
-    test_pred = predict_records(
-        detector_model, segmenter_model, test_records, {"device": device}, progress=progress
-    )
+    test_pred = predictor.predict_records(test_records, progress=progress)
     sub_path = write_submission(submission, test_pred, image_ids=[r.image_id for r in test_records])
+    save_predict_config(predictor.options, config_path_for(sub_path), predictor.describe_runs())
     problems = check_submission(sub_path, layout.test_dir)
     times["inference"] = time.perf_counter() - t
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellmask.data.rle import rle_encode, rle_to_runs, runs_to_indices
+from cellmask.data.rle import rle_encode, rle_to_runs, runs_to_indices, runs_to_rle
 from cellmask.errors import DataError
 
 __all__ = [
@@ -29,6 +29,8 @@ __all__ = [
     "inspect_submission",
     "masks_to_submission_rows",
     "read_submission",
+    "window_to_rle",
+    "window_to_runs",
     "write_submission",
 ]
 
@@ -92,6 +94,48 @@ def masks_to_submission_rows(image_id: str, masks: np.ndarray) -> list[tuple[str
     rles = [rle_encode(m) for m in masks]
     rows = [(image_id, rle) for rle in rles if rle]
     return rows or [(image_id, "")]
+
+
+def window_to_runs(window: np.ndarray, offset: Sequence[int], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-major runs of a mask stored as a window of an image ``width`` pixels wide.
+
+    Args:
+        window: bool ``[h, w]``, the mask's pixels from ``offset``.
+        offset: ``(row, col)`` of the window's top-left pixel in the image.
+        width: the image's width ``W``.
+
+    Returns:
+        0-indexed ``starts`` and ``lengths`` (int64 ``[R]``), exactly what
+        :func:`cellmask.data.rle.mask_to_runs` gives for the whole ``[H, W]`` mask (runs that
+        continue from one image row onto the next are joined), without building that mask.
+    """
+    win = np.asarray(window, dtype=bool)
+    empty = np.zeros(0, dtype=np.int64)
+    if win.ndim != 2 or win.size == 0:
+        return empty, empty
+    h, w = win.shape
+    padded = np.zeros((h, w + 2), dtype=bool)  # a False column each side: no run crosses a row
+    padded[:, 1:-1] = win
+    flat = padded.ravel()
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    if len(edges) == 0:
+        return empty, empty
+    first, stop = edges[0::2], edges[1::2]
+    row = first // (w + 2)
+    col = first - row * (w + 2) - 1
+    starts = (int(offset[0]) + row) * int(width) + int(offset[1]) + col
+    lengths = stop - first
+    ends = starts + lengths
+    new_run = np.ones(len(starts), dtype=bool)
+    new_run[1:] = starts[1:] != ends[:-1]  # touching runs (a window spanning the full width)
+    heads = np.flatnonzero(new_run)
+    tails = np.r_[heads[1:] - 1, len(starts) - 1]
+    return starts[heads].astype(np.int64), (ends[tails] - starts[heads]).astype(np.int64)
+
+
+def window_to_rle(window: np.ndarray, offset: Sequence[int], width: int) -> str:
+    """The submission RLE of a windowed mask (see :func:`window_to_runs`); ``""`` when empty."""
+    return runs_to_rle(*window_to_runs(window, offset, width))
 
 
 def write_submission(

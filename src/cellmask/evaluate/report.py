@@ -1,0 +1,121 @@
+"""The ablation table and its figures: ``ablation.md``, ``ablation.csv``, two PNGs."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cellmask import CLASSES
+
+__all__ = ["ablation_records", "format_ablation", "plot_ablation", "write_ablation"]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "-"
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def ablation_records(results: Sequence[Any]) -> list[dict[str, Any]]:
+    """One flat dict per :class:`~cellmask.evaluate.rows.RowResult`: name, settings, the score
+    overall, per class and per IoU threshold, the instance count."""
+    out = []
+    for res in results:
+        rec: dict[str, Any] = {"row": res.row.name, **res.settings, "score": res.report.score}
+        rec.update({name: res.report.per_class.get(name, math.nan) for name in CLASSES})
+        rec.update({f"P@{k}": v for k, v in res.report.per_threshold.items()})
+        rec["instances"] = res.instances
+        rec["configured"] = res.row.configured
+        out.append(rec)
+    return out
+
+
+def format_ablation(results: Sequence[Any], n_images: int) -> str:
+    """A Markdown table (paper Table 1's shape) with the best score in bold."""
+    recs = ablation_records(results)
+    cols = ["row", "branches", "tta", "class_vote", "min_area", "rescore", "score", *CLASSES]
+    cols += ["P@0.50", "P@0.75", "P@0.90", "instances"]
+    best = max((r["score"] for r in recs), default=math.nan)
+    lines = [
+        f"Competition metric on {n_images} validation images (P@t: precision at IoU threshold t; "
+        "* = the pipeline as configured).",
+        "",
+        "| " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+        "|" + "|".join("---" if c == "row" else "---:" for c in cols) + "|",
+    ]
+    for rec in recs:
+        cells = []
+        for c in cols:
+            text = _fmt(rec[c])
+            if c == "row" and rec["configured"]:
+                text += " *"
+            if c == "score" and rec["score"] == best:
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_ablation(results: Sequence[Any], out_dir: Path) -> list[Path]:
+    """``ablation_per_class.png`` (grouped bars: rows x classes + overall) and
+    ``ablation_per_threshold.png`` (precision vs IoU threshold, one line per row)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from cellmask.metric import plot_per_threshold
+
+    groups = [*CLASSES, "overall"]
+    fig = Figure(figsize=(max(7, 1.6 * len(groups) + 0.4 * len(results)), 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(results))
+    x = np.arange(len(groups))
+    for k, res in enumerate(results):
+        values = [res.report.per_class.get(c, math.nan) for c in CLASSES] + [res.report.score]
+        ax.bar(x + (k - (len(results) - 1) / 2) * width, np.nan_to_num(values), width, label=res.row.name)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel("competition score")
+    ax.set_title("ablation: score per class")
+    ax.legend(fontsize=7, ncols=2)
+    ax.grid(axis="y", alpha=0.3)
+    per_class = out_dir / "ablation_per_class.png"
+    fig.savefig(per_class, dpi=100)
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for res in results:
+        plot_per_threshold(res.report, ax=ax, label=f"{res.row.name}: {res.report.score:.3f}")
+    ax.legend(fontsize=7)
+    ax.set_title("ablation: precision per IoU threshold")
+    per_threshold = out_dir / "ablation_per_threshold.png"
+    fig.savefig(per_threshold, dpi=100)
+    return [per_class, per_threshold]
+
+
+def write_ablation(results: Sequence[Any], out_dir: str | Path, n_images: int) -> dict[str, Path]:
+    """Write ``ablation.md``, ``ablation.csv`` and the two figures; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recs = ablation_records(results)
+    csv_path = out_dir / "ablation.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(recs[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(recs)
+    figures = plot_ablation(results, out_dir)
+    md_path = out_dir / "ablation.md"
+    md_path.write_text(
+        "# Ablation\n\n"
+        + format_ablation(results, n_images)
+        + "\n\n"
+        + "\n".join(f"![{p.stem}]({p.name})" for p in figures)
+        + "\n"
+    )
+    return {"md": md_path, "csv": csv_path, "per_class": figures[0], "per_threshold": figures[1]}
