@@ -139,6 +139,7 @@ def test_orientation_on_real_images(real_records):
         ("1 2 3", "odd number of tokens"),
         ("1 x", "'x' is not an integer"),
         ("1 2.5", "not an integer"),
+        ("1 99999999999999999999", "too large"),
         ("0 3", "start 0 is < 1"),
         ("5 0", "length 0 is not positive"),
         ("5 -2", "length -2 is not positive"),

@@ -78,6 +78,15 @@ def test_write_then_read_round_trip(tmp_path: Path, valid_predictions) -> None:
     np.testing.assert_array_equal(rle_decode(back[TEST_IDS[1]][0], H, W), _square(500, 684))
 
 
+def test_read_accepts_a_byte_order_mark_and_spaced_header(tmp_path: Path, valid_predictions) -> None:
+    # the metric's fast CSV scanner scores such files; the general reader must read them the same
+    path = write_submission(tmp_path / "submission.csv", valid_predictions)
+    lines = path.read_text().splitlines()
+    odd = tmp_path / "odd.csv"
+    odd.write_text("\ufeff id , predicted \n" + "\n".join(lines[1:]) + "\n", encoding="utf-8")
+    assert read_submission(odd) == valid_predictions
+
+
 def test_write_rejects_bad_input(tmp_path: Path) -> None:
     out = tmp_path / "submission.csv"
     with pytest.raises(ValueError, match="not in image_ids: cafe"):

@@ -53,8 +53,10 @@ def read_submission(path: str | Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such submission file")
     out: dict[str, list[str]] = {}
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # a byte-order mark is not part of "id"
         reader = csv.DictReader(f)
+        if reader.fieldnames:
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
         missing = [c for c in SUBMISSION_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)} (header: {reader.fieldnames})")

@@ -64,8 +64,11 @@ def rle_to_runs(rle: str, height: int, width: int) -> tuple[np.ndarray, np.ndarr
     try:
         values = np.array(tokens, dtype=np.int64)
     except (ValueError, OverflowError):
-        bad = next(t for t in tokens if not _is_int(t))
-        raise ValueError(f"RLE token {bad!r} is not an integer") from None
+        bad = next((t for t in tokens if not _is_int(t)), None)
+        if bad is not None:
+            raise ValueError(f"RLE token {bad!r} is not an integer") from None
+        big = next(t for t in tokens if abs(int(t)) >= 2**63)
+        raise ValueError(f"RLE token {big!r} is too large for a pixel index") from None
     starts, lengths = values[0::2] - 1, values[1::2]
     n_pixels = height * width
     if (starts < 0).any():
