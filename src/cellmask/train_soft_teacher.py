@@ -50,32 +50,6 @@ def _check_semi(semi: Mapping[str, Any]) -> None:
         raise ValueError(f"semi: unknown key(s) {unknown}; expected {sorted(SEMI_KEYS)}")
 
 
-def _teacher_predictions(
-    teacher, loader, device, amp: bool, amp_dtype: str = "float16"
-) -> tuple[list[dict], list[dict]]:
-    """``(predictions, truths)`` of ``teacher`` (eval mode, no grad) over ``loader``, on the CPU."""
-    import torch
-
-    predictions, truths = [], []
-    with (
-        torch.no_grad(),
-        torch.autocast(
-            device_type=device.type, dtype=getattr(torch, amp_dtype), enabled=amp and device.type == "cuda"
-        ),
-    ):
-        for images, targets in loader:
-            for out, target in zip(teacher([image.to(device) for image in images]), targets, strict=True):
-                predictions.append(
-                    {
-                        "boxes": out["boxes"].detach().float().cpu(),
-                        "scores": out["scores"].detach().float().cpu(),
-                        "labels": out["labels"].detach().cpu(),
-                    }
-                )
-                truths.append({"boxes": target["boxes"], "labels": target["labels"]})
-    return predictions, truths
-
-
 def soft_teacher_parts(
     cfg: dict[str, Any], train_records: list, val_records: list, num_classes: int, info: Any
 ) -> tuple[Any, Any, Any]:
@@ -86,12 +60,13 @@ def soft_teacher_parts(
         ValueError: an unknown ``semi:`` key.
     """
     import numpy as np
+    from torch.utils.data import Subset
 
-    from cellmask.coco_eval import coco_box_ap
+    from cellmask.coco_eval import evaluate_detector
     from cellmask.data.datasets import DetectionDataset, ImageSource, collate
     from cellmask.data.semi import SemiDataset, TwoViewDataset, collate_semi, load_unlabeled, semi_data_config
     from cellmask.data.transforms import build_transforms
-    from cellmask.engine import build_eval_loader, build_train_loader, seed_everything
+    from cellmask.engine import build_eval_loader, build_train_loader, seed_everything, shard
     from cellmask.models import build_detector
     from cellmask.models.soft_teacher.figure import pseudo_boxes, save_pseudo_box_figure
 
@@ -117,27 +92,19 @@ def soft_teacher_parts(
     out_dir = get(cfg, "run.out_dir")
     n_figure = int((semi.get("figure") or {}).get("images", 4))
     figure_source = ImageSource(unlabeled[:n_figure], image_cache=True)
-    shard = val_records[info.rank :: info.world_size]
-    val_loader = (
-        build_eval_loader(DetectionDataset(shard, build_transforms(augment, train=False)), cfg, collate)
-        if shard
-        else []
-    )
+    val_set = DetectionDataset(val_records, build_transforms(augment, train=False))
+    val_loader = build_eval_loader(Subset(val_set, shard(range(len(val_set)), info)), cfg, collate)
     if out_dir is None:
         log.warning("config has no run.out_dir: the pseudo-box figure will not be written")
 
     def val_fn(m, epoch: int, dist_info: Any = None) -> dict[str, float]:
-        from cellmask.engine import gather_objects
-
         dist_info = dist_info or info
         bare = getattr(m, "module", m)
-        teacher = bare.inference_model()
         device = dist_info.device
-        predictions, truths = _teacher_predictions(teacher, val_loader, device, amp, amp_dtype)
-        gathered = gather_objects((predictions, truths), dist_info)
-        all_preds = [p for preds, _ in gathered for p in preds]
-        all_truths = [t for _, ts in gathered for t in ts]
-        metrics = coco_box_ap(all_preds, all_truths, num_classes=num_classes)
+        metrics = evaluate_detector(
+            bare.inference_model(), val_loader, device, num_classes=num_classes,
+            amp=amp, amp_dtype=amp_dtype, info=dist_info,
+        )  # fmt: skip
         if dist_info.is_main and out_dir is not None and len(figure_source):
             images = [figure_source.read(i) for i in range(len(figure_source))]
             boxes = pseudo_boxes(bare, images, device)
