@@ -123,11 +123,13 @@ def _config(name: str, input_name: str, matching: str) -> dict:
     return load_config(ROOT / "configs" / f"{name}.yaml", profile="paper", overrides=overrides)
 
 
-def _step(model, step_fn, device: str, params) -> tuple[float, float]:
-    """One optimizer step: ``(seconds, peak MB)``."""
+def _measure(model, step_fn, device: str, rss_data: float) -> dict:
+    """One optimizer step (forward, backward, AdamW) of ``model``: time, peak memory, sizes."""
     import torch
 
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    rss_model = _rss_mb()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-2)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _sync(device)
@@ -139,8 +141,14 @@ def _step(model, step_fn, device: str, params) -> tuple[float, float]:
     optimizer.step()
     _sync(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / MB if device == "cuda" else _peak_rss_mb()
-    return seconds, peak
+    return {
+        "seconds": seconds,
+        "peak_mb": torch.cuda.max_memory_allocated() / MB if device == "cuda" else _peak_rss_mb(),
+        "rss_data_mb": rss_data,
+        "rss_model_mb": rss_model,
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in trainable),
+    }
 
 
 def worker_detector(case: dict) -> dict:
@@ -162,18 +170,8 @@ def worker_detector(case: dict) -> dict:
     rss0 = _rss_mb()
     torch.manual_seed(0)
     model = build_detector(cfg["model"], num_classes=4).train().to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    rss1 = _rss_mb()
-    seconds, peak = _step(model, lambda: model(images, targets), device, trainable)
-    return {
-        "seconds": seconds,
-        "peak_mb": peak,
-        "rss_data_mb": rss0,
-        "rss_model_mb": rss1,
-        "params": sum(p.numel() for p in model.parameters()),
-        "trainable": sum(p.numel() for p in trainable),
-        "input_hw": list(model.transform([image])[0].tensors.shape[-2:]),
-    }
+    out = _measure(model, lambda: model(images, targets), device, rss0)
+    return {**out, "input_hw": list(model.transform([image])[0].tensors.shape[-2:])}
 
 
 def worker_segmenter(case: dict) -> dict:
@@ -195,23 +193,14 @@ def worker_segmenter(case: dict) -> dict:
         records, cfg["crops"], size=int(crop["size"]), sampling_ratio=int(crop["sampling_ratio"])
     )
     torch.manual_seed(0)
-    crops, targets = collate([dataset[i % len(dataset)] for i in range(int(cfg["train"]["batch_size"]))])
+    n_images = case.get("segmenter_images") or int(cfg["train"]["batch_size"])
+    crops, targets = collate([dataset[i % len(dataset)] for i in range(n_images)])
     crops = [c.to(device) for c in crops]
     targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
     rss0 = _rss_mb()
     model = build_segmenter(cfg["model"]).train().to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    rss1 = _rss_mb()
-    seconds, peak = _step(model, lambda: model.training_step((crops, targets)), device, trainable)
-    return {
-        "seconds": seconds,
-        "peak_mb": peak,
-        "rss_data_mb": rss0,
-        "rss_model_mb": rss1,
-        "params": sum(p.numel() for p in model.parameters()),
-        "trainable": sum(p.numel() for p in trainable),
-        "crops": sum(len(c) for c in crops),
-    }
+    out = _measure(model, lambda: model.training_step((crops, targets)), device, rss0)
+    return {**out, "crops": sum(len(c) for c in crops), "images": n_images}
 
 
 def run_worker(case: dict) -> None:
@@ -268,6 +257,13 @@ def main() -> None:
     p.add_argument("--truths", nargs="+", type=int, default=list(TRUTHS))
     p.add_argument("--matching", nargs="+", default=["on", "off"], choices=["on", "off"])
     p.add_argument("--mem-limit-gb", type=float, default=None, help="default: MemAvailable - 2 GB")
+    p.add_argument("--json", default=None, help="also write every case's figures to this file")
+    p.add_argument(
+        "--segmenter-images",
+        type=int,
+        default=None,
+        help="images per segmenter step (default: its train.batch_size)",
+    )
     args = p.parse_args()
     if args.worker:
         run_worker(json.loads(args.worker))
@@ -275,7 +271,12 @@ def main() -> None:
     limit = args.mem_limit_gb or max(_available_gb() - 2.0, 2.0)
     print(f"device {args.device}, {args.threads} thread(s), batch {args.batch}, memory limit {limit:.1f} GB")
     print(f"image {IMAGE_ID} (520x704) with its truth replicated to {args.truths} boxes\n")
-    common = {"device": args.device, "threads": args.threads, "batch": args.batch}
+    common = {
+        "device": args.device,
+        "threads": args.threads,
+        "batch": args.batch,
+        "segmenter_images": args.segmenter_images,
+    }
     results = []
     header = f"{'model':30s} {'input':>9s} {'truths':>6s} {'match':>5s} {'peak MB':>9s} {'model MB':>9s} {'step s':>7s} {'GPU b2 GB':>9s}"
     print(header)
@@ -303,9 +304,11 @@ def main() -> None:
                     f"{r['rss_model_mb']:9.0f} {r['seconds']:7.1f} {gpu:9.1f}"
                 )
             else:
-                print(f"{name:30s} {input_name:>9s} {truths:>6} {matching:>5s}  {r['status']}")
+                print(f"{name:30s} {input_name:>9s} {truths or '-':>6} {matching:>5s}  {r['status']}")
             sys.stdout.flush()
 
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     print("\npeak ratios (matching on: target <= 1.5x)")
     ok = {(r["name"], r["input"], r["truths"], r["matching"]): r for r in results if r["status"] == "ok"}
     for name in args.branches:

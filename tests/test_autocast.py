@@ -36,6 +36,24 @@ def decode64(deltas: torch.Tensor, boxes: torch.Tensor, weights) -> torch.Tensor
     return torch.stack([pcx - pw / 2, pcy - ph / 2, pcx + pw / 2, pcy + ph / 2], 1)
 
 
+def assert_eval_under_autocast_close(model, images: list[torch.Tensor], min_confident: int) -> None:
+    """Eval-mode boxes under bfloat16 autocast are float32, and each confident float32 detection
+    has an autocast one at IoU > 0.9 (bfloat16 features move a box by a fraction of its size).
+    Used by the detectors' test modules on their trained models."""
+    from torchvision.ops import box_iou
+
+    with torch.no_grad():
+        plain = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(images)
+    for ref, out in zip(plain, mixed, strict=True):
+        assert out["boxes"].dtype == torch.float32 and out["scores"].dtype == torch.float32
+        confident = ref["boxes"][ref["scores"] > 0.5]
+        assert len(confident) >= min_confident
+        best = box_iou(confident, out["boxes"]).max(dim=1).values
+        assert best.min() > 0.9, best
+
+
 def sample(with_masks: bool) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     """One crowded 200x250 image (resized to 128x160 by the smoke transform)."""
     s = synth_image("shsy5y", 200, 250, rng=3)

@@ -408,17 +408,10 @@ def test_overfit_detections_hit_the_gt_boxes(trained):
 
 
 def test_eval_boxes_under_autocast_are_float32_and_close_to_float32_ones(trained):
+    from test_autocast import assert_eval_under_autocast_close
+
     model, images, _, _ = trained
-    with torch.no_grad():
-        plain = model(images)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            mixed = model(images)
-    for ref, out in zip(plain, mixed, strict=True):
-        assert out["boxes"].dtype == torch.float32 and out["scores"].dtype == torch.float32
-        confident = ref["boxes"][ref["scores"] > 0.5]
-        assert len(confident) >= 3
-        best = box_iou(confident, out["boxes"]).max(dim=1).values
-        assert best.min() > 0.9, best
+    assert_eval_under_autocast_close(model, images, min_confident=3)
 
 
 # ---------------------------------------------------------------------------------- inference

@@ -340,14 +340,7 @@ def test_checkpoints_of_torchvisions_faster_rcnn_load_unchanged():
 
 
 def test_eval_boxes_under_autocast_are_float32_and_close_to_float32_ones(trained):
+    from test_autocast import assert_eval_under_autocast_close
+
     model, images, _, _ = trained
-    with torch.no_grad():
-        plain = model(images)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            mixed = model(images)
-    for ref, out in zip(plain, mixed, strict=True):
-        assert out["boxes"].dtype == torch.float32 and out["scores"].dtype == torch.float32
-        confident = ref["boxes"][ref["scores"] > 0.5]
-        assert len(confident) >= 4
-        best = box_iou(confident, out["boxes"]).max(dim=1).values
-        assert best.min() > 0.9, best  # bfloat16 features move a box by a fraction of its size
+    assert_eval_under_autocast_close(model, images, min_confident=4)

@@ -36,6 +36,14 @@ def baseline():
     return build_detector(cfg["model"], num_classes=4).eval()
 
 
+def dense_masks(pixels, height: int, width: int) -> torch.Tensor:
+    """uint8 ``[N, H, W]`` masks of instances given as ``(rows, cols)`` pixel arrays."""
+    masks = torch.zeros((len(pixels), height, width), dtype=torch.uint8)
+    for j, (ys, xs) in enumerate(pixels):
+        masks[j, ys, xs] = 1
+    return masks
+
+
 def round_trip_ious(model, record, batch: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """Encode every truth mask of ``record`` at its own box through the baseline's target path
     and paste it back through its transform: ``(IoU with the truth [N], box sizes [N, 2])``."""
@@ -48,9 +56,7 @@ def round_trip_ious(model, record, batch: int = 100) -> tuple[np.ndarray, np.nda
     ious = []
     for s in range(0, len(pixels), batch):
         part = pixels[s : s + batch]
-        masks = torch.zeros((len(part), h, w), dtype=torch.uint8)
-        for j, (ys, xs) in enumerate(part):
-            masks[j, ys, xs] = 1
+        masks = dense_masks(part, h, w)
         targets = heads.mask_targets(
             [rois[s : s + batch]], [torch.arange(len(part))], [resized], [{"masks": masks}], 28
         )
@@ -86,9 +92,7 @@ def test_targets_are_the_aligned_crop_of_the_truth_window(real_records):
     # stack, for boxes that are jittered and leave the image
     record = real_records[0]
     pixels = [instance_pixels(record, i) for i in range(12)]
-    masks = torch.zeros((12, record.height, record.width), dtype=torch.uint8)
-    for j, (ys, xs) in enumerate(pixels):
-        masks[j, ys, xs] = 1
+    masks = dense_masks(pixels, record.height, record.width)
     g = torch.Generator().manual_seed(0)
     boxes = tight_boxes(pixels) + torch.randn(12, 4, generator=g) * 3
     boxes[0] = torch.tensor([-5.0, -3.0, 20.0, 15.0])  # over the top-left corner
@@ -104,9 +108,7 @@ def test_targets_follow_the_resize_between_rois_and_masks(baseline, real_records
     # masks stay at the original size; RoIs of a 2x resized image give the same targets
     record = real_records[2]
     pixels = [instance_pixels(record, i) for i in range(10)]
-    masks = torch.zeros((10, record.height, record.width), dtype=torch.uint8)
-    for j, (ys, xs) in enumerate(pixels):
-        masks[j, ys, xs] = 1
+    masks = dense_masks(pixels, record.height, record.width)
     boxes = tight_boxes(pixels)
     heads, idx = baseline.roi_heads, [torch.arange(10)]
     size = (record.height, record.width)
@@ -117,33 +119,28 @@ def test_targets_follow_the_resize_between_rois_and_masks(baseline, real_records
     assert (shifted - at_1x).abs().max() > 0.5  # a 2 px shift is visible
 
 
+def predict_at(model, image: torch.Tensor, score_thresh: float) -> dict:
+    """``model([image])[0]`` with the RoI heads' score threshold set to ``score_thresh``."""
+    before = model.roi_heads.score_thresh
+    model.roi_heads.score_thresh = score_thresh
+    try:
+        with torch.no_grad():
+            return model([image])[0]
+    finally:
+        model.roi_heads.score_thresh = before
+
+
 def test_eval_output_is_pasted_masks_in_original_pixels(baseline):
     # 200x300 in, resized by the transform; every detection's mask lies within its own box
-    model = baseline
-    model.roi_heads.score_thresh = 0.0
-    try:
-        with torch.no_grad():
-            out = model([torch.rand(3, 200, 300)])[0]
-    finally:
-        model.roi_heads.score_thresh = 0.05
+    out = predict_at(baseline, torch.rand(3, 200, 300), score_thresh=0.0)
     masks = out["masks"]
-    assert (
-        isinstance(masks, PastedMasks)
-        and masks.image_size == (200, 300)
-        and len(masks) == len(out["boxes"]) > 0
-    )
+    assert isinstance(masks, PastedMasks) and masks.image_size == (200, 300)
+    assert len(masks) == len(out["boxes"]) > 0
     for i in range(min(len(masks), 20)):
         y0, x0 = masks.offsets[i].tolist()
-        win = masks.windows[i]
+        h, w = masks.windows[i].shape
         bx0, by0, bx1, by1 = out["boxes"][i].tolist()
-        assert (
-            bx0 - 1 <= x0 and x0 + win.shape[1] <= bx1 + 1 and by0 - 1 <= y0 and y0 + win.shape[0] <= by1 + 1
-        )
+        assert bx0 - 1 <= x0 and x0 + w <= bx1 + 1 and by0 - 1 <= y0 and y0 + h <= by1 + 1
     # nothing survives a score threshold above 1: an empty PastedMasks of the image's size
-    model.roi_heads.score_thresh = 1.1
-    try:
-        with torch.no_grad():
-            out = model([torch.rand(3, 96, 120)])[0]
-    finally:
-        model.roi_heads.score_thresh = 0.05
+    out = predict_at(baseline, torch.rand(3, 96, 120), score_thresh=1.1)
     assert out["boxes"].shape == (0, 4) and len(out["masks"]) == 0 and out["masks"].image_size == (96, 120)
