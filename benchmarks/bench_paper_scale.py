@@ -21,9 +21,10 @@ Printed: the table, peak(800)/peak(100) and peak(1500)/peak(100) per branch and 
 <= 1.5x with matching on), and an extrapolation of a batch-2 step on a GPU (target <= 12 GB):
 
     weights (4 B/parameter) + gradients and AdamW moments (12 B/trainable parameter)
-      + 2 x (peak - RSS after building the model - gradients and moments)
+      + 2 x (peak - RSS after building the model - gradients and moments + one image's data)
 
-i.e. the one-image activations and temporaries (what the CPU allocator held at the peak) doubled.
+i.e. the one-image activations and temporaries (what the CPU allocator held at the peak) and the
+image with its truth (the baseline's uint8 masks: 0.55 GB at 1500 truths) doubled.
 It is fp32 (AMP roughly halves the activations) and leaves out the CUDA context (~0.5 GB).
 On CUDA the figures are measured, not extrapolated (run with ``--batch 2``).
 
@@ -171,7 +172,8 @@ def worker_detector(case: dict) -> dict:
     torch.manual_seed(0)
     model = build_detector(cfg["model"], num_classes=4).train().to(device)
     out = _measure(model, lambda: model(images, targets), device, rss0)
-    return {**out, "input_hw": list(model.transform([image])[0].tensors.shape[-2:])}
+    data = image.nbytes + sum(v.nbytes for v in target.values())  # one image and its truth
+    return {**out, "data_mb": data / MB, "input_hw": list(model.transform([image])[0].tensors.shape[-2:])}
 
 
 def worker_segmenter(case: dict) -> dict:
@@ -200,7 +202,8 @@ def worker_segmenter(case: dict) -> dict:
     rss0 = _rss_mb()
     model = build_segmenter(cfg["model"]).train().to(device)
     out = _measure(model, lambda: model.training_step((crops, targets)), device, rss0)
-    return {**out, "crops": sum(len(c) for c in crops), "images": n_images}
+    data = sum(c.nbytes for c in crops) + sum(t["masks"].nbytes for t in targets)
+    return {**out, "data_mb": data / MB / n_images, "crops": sum(len(c) for c in crops), "images": n_images}
 
 
 def run_worker(case: dict) -> None:
@@ -243,7 +246,7 @@ def gpu_batch2_gb(r: dict, batch: int) -> float:
     weights = 4 * r["params"] / MB
     state = 12 * r["trainable"] / MB
     activations = max(r["peak_mb"] - r["rss_model_mb"] - state, 0.0) / batch
-    return (weights + state + 2 * activations) / 1024
+    return (weights + state + 2 * (activations + r["data_mb"])) / 1024
 
 
 def main() -> None:
