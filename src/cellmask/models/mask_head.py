@@ -34,11 +34,20 @@ from torch import Tensor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from cellmask.data.crops import WINDOW_BUDGET, crop_rois, window_groups
+from cellmask.data.crops import crop_rois, window_groups
 from cellmask.models.roi_heads import FPN_LEVELS
 from cellmask.models.sections import section
 
-__all__ = ["build_mask_branch", "mask_loss", "roi_mask_targets", "rois_to_mask_pixels"]
+__all__ = [
+    "TARGET_WINDOW_BUDGET",
+    "build_mask_branch",
+    "mask_loss",
+    "roi_mask_targets",
+    "rois_to_mask_pixels",
+]
+
+TARGET_WINDOW_BUDGET = 1 << 22
+"""Max pixels of one padded group of truth windows in :func:`roi_mask_targets` (16 MB of float32)."""
 
 
 def rois_to_mask_pixels(rois: Tensor, image_shape: tuple[int, int], mask_shape: tuple[int, int]) -> Tensor:
@@ -80,7 +89,7 @@ def roi_mask_targets(
     idx = matched_idxs.tolist()
     x0s, y0s, ws, hs = wx0.tolist(), wy0.tolist(), ww.tolist(), wh.tolist()
     local = boxes - torch.stack([wx0, wy0, wx0, wy0], 1).float()
-    for group in window_groups(torch.stack([wh, ww], 1), WINDOW_BUDGET):
+    for group in window_groups(torch.stack([wh, ww], 1), TARGET_WINDOW_BUDGET):
         members = group.tolist()
         canvas = torch.zeros(
             (len(members), 1, max(hs[i] for i in members), max(ws[i] for i in members)),
