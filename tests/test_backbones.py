@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from cellmask.config import load_config
 from cellmask.models.backbones import (
     backbone_param_count,
     build_backbone,
@@ -18,6 +20,8 @@ from cellmask.models.backbones import (
 SWIN = "swin_tiny_patch4_window7_224"
 RESNEXT = "resnext101_32x4d"
 RESNEST = "resnest101e"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BRANCH = {SWIN: "faster_rcnn_swin_t", RESNEXT: "cascade_rcnn_resnext101", RESNEST: "cascade_rcnn_resnest101"}
 
 SMOKE_KWARGS = {
     SWIN: {"embed_dim": 32, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]},
@@ -32,8 +36,16 @@ STRIDES = [4, 8, 16, 32, 64]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def paper_cfg(name: str, **extra) -> dict:
+    """The paper profile's ``model.backbone`` of ``name``'s branch, without downloading weights."""
+    section = load_config(CONFIGS / f"{BRANCH[name]}.yaml")["model"]["backbone"]
+    assert section["name"].split(".")[0] == name
+    return {**section, "pretrained": False, **extra}
+
+
 def smoke_cfg(name: str, **extra) -> dict:
-    return {"name": name, "pretrained": False, "kwargs": dict(SMOKE_KWARGS[name]), **extra}
+    """``paper_cfg`` at reduced width/depth (BatchNorm kept: no ``norm_layer`` override)."""
+    return paper_cfg(name, kwargs=dict(SMOKE_KWARGS[name]), **extra)
 
 
 # Published sizes (with the ImageNet classifier): Swin-T 28.3M ("28M", Liu et al. 2021),
@@ -44,7 +56,7 @@ def smoke_cfg(name: str, **extra) -> dict:
     [(SWIN, 27.52e6, 28.29e6), (RESNEXT, 42.13e6, 44.18e6), (RESNEST, 46.23e6, 48.28e6)],
 )
 def test_paper_backbone_param_counts(name, expected, published_with_head):
-    n = backbone_param_count({"name": name, "pretrained": False})
+    n = backbone_param_count(paper_cfg(name))
     assert n == pytest.approx(expected, rel=0.01)
     # body + a 2048/768 -> 1000 classifier is the published model
     head = {SWIN: 768 * 1000 + 1000 + 2 * 768}.get(name, 2048 * 1000 + 1000)
@@ -81,8 +93,9 @@ def test_swin_runs_at_paper_input_size_without_a_forward_of_the_paper_model():
 
 
 def test_swin_parameters_do_not_depend_on_image_size():
-    small = build_backbone({"name": SWIN}, None, image_size=(128, 160)).state_dict()
-    paper = build_backbone({"name": SWIN}, None, image_size=(544, 704)).state_dict()
+    fpn = {"out_channels": 256}
+    small = build_backbone(paper_cfg(SWIN), fpn, image_size=(128, 160)).state_dict()
+    paper = build_backbone(paper_cfg(SWIN), fpn, image_size=(544, 736)).state_dict()
     assert small.keys() == paper.keys()
     assert all(small[k].shape == paper[k].shape for k in small)
     # windows stay 7x7 everywhere, so the ImageNet relative-position tables fit
@@ -113,7 +126,7 @@ def test_nominal_input_size_is_what_the_detector_transform_makes(min_size, max_s
 
 
 @pytest.mark.parametrize("name", [RESNEXT, RESNEST])
-def test_resnet_batchnorm_is_frozen_and_stem_plus_stage1_frozen_by_default(name):
+def test_resnet_batchnorm_is_frozen_and_stem_plus_stage1_frozen_in_the_paper_profile(name):
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     backbone = build_backbone(smoke_cfg(name), FPN)
@@ -131,7 +144,9 @@ def test_resnet_batchnorm_is_frozen_and_stem_plus_stage1_frozen_by_default(name)
 
 
 def test_swin_frozen_stages():
-    assert all(p.requires_grad for p in build_backbone(smoke_cfg(SWIN), FPN).parameters())  # default -1
+    # the paper profile trains every Swin stage (Swin's own detection configs freeze nothing)
+    assert smoke_cfg(SWIN)["frozen_stages"] == -1
+    assert all(p.requires_grad for p in build_backbone(smoke_cfg(SWIN), FPN).parameters())
     backbone = build_backbone(smoke_cfg(SWIN, frozen_stages=1), FPN)
     for pname, p in backbone.body.named_parameters():
         assert p.requires_grad != pname.startswith(("patch_embed", "layers_0.")), pname
@@ -174,6 +189,10 @@ def test_weights_file_loads_imagenet_style_checkpoint_offline(tmp_path, name):
 
 def test_unknown_backbone_is_an_error():
     with pytest.raises((RuntimeError, ValueError)):
-        build_backbone({"name": "no_such_backbone"}, FPN)
-    with pytest.raises(ValueError, match="name"):
+        build_backbone({**paper_cfg(RESNEXT), "name": "no_such_backbone"}, FPN)
+    with pytest.raises(ValueError, match=r"model\.backbone\.name"):
         build_backbone({}, FPN)
+    with pytest.raises(ValueError, match=r"model\.backbone\.frozen_stages"):
+        build_backbone({k: v for k, v in smoke_cfg(RESNEXT).items() if k != "frozen_stages"}, FPN)
+    with pytest.raises(ValueError, match="unknown key"):
+        build_backbone(smoke_cfg(RESNEXT, frozen_stage=1), FPN)

@@ -25,7 +25,9 @@ from cellmask.models.cascade_rcnn import (
     build_cascade_rcnn,
     build_cascade_roi_heads,
 )
+from cellmask.models.segmenter import PastedMasks
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NUM_CLASSES = 4  # background + shsy5y, cort, astro
 SIZE = 128
 
@@ -61,23 +63,25 @@ class TinyFPN(nn.Module):
 
 
 def tiny_cfg(**sections) -> dict:
-    """A small model section (sizes for 128x128 images); ``sections`` override whole keys."""
-    cfg = {
-        "type": "cascade_rcnn",
-        "anchor": {"sizes": [[8], [16], [32], [64], [128]], "aspect_ratios": [0.25, 0.5, 1.0, 2.0, 4.0]},
-        "rpn": {
-            "pre_nms_top_n_train": 300,
-            "pre_nms_top_n_test": 300,
-            "post_nms_top_n_train": 200,
-            "post_nms_top_n_test": 200,
-            "batch_size_per_image": 128,
+    """The smoke ``model`` section of branch 2 sized for 128x128 images; ``sections`` are merged
+    in (mappings key by key, anything else replaces)."""
+    cfg = config.load_config(CONFIGS / "cascade_rcnn_resnext101.yaml", profile="smoke")["model"]
+    cfg = config.deep_merge(
+        cfg,
+        {
+            "rpn": {
+                "pre_nms_top_n_train": 300,
+                "pre_nms_top_n_test": 300,
+                "post_nms_top_n_train": 200,
+                "post_nms_top_n_test": 200,
+                "batch_size_per_image": 128,
+            },
+            "transform": {"min_size": SIZE, "max_size": SIZE},
+            "mask": {"layers": [32, 32], "dim_reduced": 32},
         },
-        "roi": {"batch_size_per_image": 64, "representation_size": 128, "detections_per_img": 100},
-        "transform": {"min_size": SIZE, "max_size": SIZE},
-        "mask": {"layers": [32, 32], "dim_reduced": 32},
-    }
+    )
     for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+        cfg[key] = config.deep_merge(cfg[key], value) if isinstance(value, dict) else value
     return cfg
 
 
@@ -144,25 +148,46 @@ def hand_features(
 # ---------------------------------------------------------------------------------------- config
 
 
-def test_defaults_are_the_cascade_rcnn_paper_settings():
-    heads = build_cascade_roi_heads({}, in_channels=32, num_classes=NUM_CLASSES, with_mask=False)
+def test_paper_profile_has_the_cascade_rcnn_settings():
+    paper = config.load_config(CONFIGS / "cascade_rcnn_resnext101.yaml")["model"]
+    heads = build_cascade_roi_heads(paper, in_channels=32, num_classes=NUM_CLASSES, with_mask=False)
     assert heads.num_stages == 3
     assert [m.high_threshold for m in heads.proposal_matchers] == [0.5, 0.6, 0.7]
     assert [m.low_threshold for m in heads.proposal_matchers] == [0.5, 0.6, 0.7]
     assert not any(m.allow_low_quality_matches for m in heads.proposal_matchers)
+    assert all(m.chunk == paper["roi"]["match_chunk"] for m in heads.proposal_matchers)
     assert [tuple(c.weights) for c in heads.box_coders] == [
         (10.0, 10.0, 5.0, 5.0),
         (20.0, 20.0, 10.0, 10.0),
         (30.0, 30.0, 15.0, 15.0),
     ]
     assert heads.stage_loss_weights == [1.0, 0.5, 0.25]
-    assert heads.detections_per_img == 1000
+    assert heads.smooth_l1_beta == 1.0  # mmdet's cascade bbox heads (the docstring says so too)
+    assert heads.detections_per_img == paper["roi"]["detections_per_img"] >= 3000
     assert heads.fg_bg_sampler.batch_size_per_image == 512
     assert heads.fg_bg_sampler.positive_fraction == 0.25
     for pred in heads.box_predictors:  # class logits per class, class-agnostic regression
         assert pred.cls_score.out_features == NUM_CLASSES
         assert pred.bbox_pred.out_features == 4
     assert not heads.has_mask()
+
+
+def test_box_loss_uses_the_configured_smooth_l1_beta():
+    g = torch.Generator().manual_seed(0)
+    logits, deltas = torch.randn(6, NUM_CLASSES, generator=g), torch.randn(6, 4, generator=g)
+    labels, targets = [torch.tensor([1, 0, 2, 3, 0, 1])], [torch.randn(6, 4, generator=g) * 2]
+    pos = labels[0] > 0
+    for beta in (1.0, 1 / 9):
+        heads = build_cascade_roi_heads(
+            tiny_cfg(cascade={"smooth_l1_beta": beta}),
+            in_channels=32,
+            num_classes=NUM_CLASSES,
+            with_mask=False,
+        )
+        _, loss = heads.box_loss(logits, deltas, labels, targets)
+        diff = (deltas[pos] - targets[0][pos]).abs()
+        expected = torch.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta).sum() / 6
+        assert torch.allclose(loss, expected), beta
 
 
 def test_config_sections_reach_the_model():
@@ -192,6 +217,10 @@ def test_config_sections_reach_the_model():
     assert model.transform.image_mean == [0.5] * 3 and model.transform.image_std == [0.25] * 3
     with pytest.raises(ValueError, match="one entry per stage"):
         tiny_model(cascade={"iou_thresholds": [0.5, 0.6, 0.7], "stage_loss_weights": [1.0]})
+    cfg = tiny_cfg()
+    del cfg["cascade"]["smooth_l1_beta"]
+    with pytest.raises(ValueError, match=r"model\.cascade\.smooth_l1_beta"):
+        build_cascade_rcnn(cfg, NUM_CLASSES, backbone=TinyFPN())
 
 
 def test_class_dependent_prefixes_cover_exactly_the_class_shaped_weights():
@@ -378,6 +407,13 @@ def test_overfit_detections_hit_the_gt_boxes(trained):
         assert torch.all(out["scores"][:-1] >= out["scores"][1:])  # sorted by score
 
 
+def test_eval_boxes_under_autocast_are_float32_and_close_to_float32_ones(trained):
+    from test_autocast import assert_eval_under_autocast_close
+
+    model, images, _, _ = trained
+    assert_eval_under_autocast_close(model, images, min_confident=3)
+
+
 # ---------------------------------------------------------------------------------- inference
 
 
@@ -448,7 +484,7 @@ def test_empty_images_train_and_predict():
     model.roi_heads.score_thresh = 1.1  # nothing survives
     with torch.no_grad():
         out = model([image])[0]
-    assert out["boxes"].shape == (0, 4) and out["masks"].shape == (0, 1, SIZE, SIZE)
+    assert out["boxes"].shape == (0, 4) and len(out["masks"]) == 0 and out["masks"].image_size == (SIZE, SIZE)
 
 
 # ---------------------------------------------------------------------------------- mask head
@@ -486,15 +522,13 @@ def test_cascade_mask_rcnn_trains_a_mask_head_and_pastes_masks_at_original_size(
         out = model(images[:1])[0]  # 96x120 is resized to 128x160 inside, pasted back at 96x120
     n = len(out["boxes"])
     assert 0 < n <= 20
-    assert out["masks"].shape == (n, 1, 96, 120)
-    assert out["masks"].dtype == torch.float32
-    assert 0 <= out["masks"].min() and out["masks"].max() <= 1
+    assert isinstance(out["masks"], PastedMasks)  # windows in original pixels, no K x H x W floats
+    assert len(out["masks"]) == n and out["masks"].image_size == (96, 120)
+    assert all(w.dtype == torch.bool for w in out["masks"].windows)
     assert out["boxes"][:, 2].max() <= 120 and out["boxes"][:, 3].max() <= 96
 
 
 # ---------------------------------------------------------------------------------- real backbones
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize(
@@ -518,17 +552,14 @@ def test_smoke_configs_build_through_build_detector(name):
         out = model.eval()([image])[0]
     assert out["boxes"].shape[1:] == (4,) and len(out["boxes"]) <= 100
     if with_mask:
-        assert out["masks"].shape[1:] == (1, 104, 140)
+        assert isinstance(out["masks"], PastedMasks) and out["masks"].image_size == (104, 140)
 
 
 def test_swin_backbone_from_config():
-    backbone = {
-        "name": "swin_tiny_patch4_window7_224",
-        "pretrained": False,
-        "kwargs": {"embed_dim": 24, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]},
-    }
+    cfg = tiny_cfg(backbone={"name": "swin_tiny_patch4_window7_224", "frozen_stages": -1})
+    cfg["backbone"]["kwargs"] = {"embed_dim": 24, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}
     torch.manual_seed(0)
-    model = build_cascade_rcnn(tiny_cfg(backbone=backbone, fpn={"out_channels": 32}), NUM_CLASSES)
+    model = build_cascade_rcnn(cfg, NUM_CLASSES)
     assert model.backbone.out_channels == 32
     image, target = synth_image(8, 3, label=2, size=(104, 140))
     losses = model.train()([image], boxes_only([target]))

@@ -8,13 +8,14 @@ import pytest
 import yaml
 
 from cellmask.config import deep_merge, get, load_config, parse_overrides, save_config
+from cellmask.models.sections import SECTION_KEYS, section
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODEL_FILES = {
-    "faster_rcnn_swin_t.yaml": ("faster_rcnn", "swin_tiny_patch4_window7_224", False),
-    "cascade_rcnn_resnext101.yaml": ("cascade_rcnn", "resnext101_32x4d", False),
-    "cascade_rcnn_resnest101.yaml": ("cascade_rcnn", "resnest101e", False),
-    "cascade_mask_rcnn_resnext101.yaml": ("cascade_mask_rcnn", "resnext101_32x4d", True),
+    "faster_rcnn_swin_t.yaml": ("faster_rcnn", "swin_tiny_patch4_window7_224.ms_in1k", False),
+    "cascade_rcnn_resnext101.yaml": ("cascade_rcnn", "resnext101_32x4d.gluon_in1k", False),
+    "cascade_rcnn_resnest101.yaml": ("cascade_rcnn", "resnest101e.in1k", False),
+    "cascade_mask_rcnn_resnext101.yaml": ("cascade_mask_rcnn", "resnext101_32x4d.gluon_in1k", True),
 }
 
 
@@ -147,8 +148,10 @@ def test_shipped_model_configs(name: str, profile: str):
     cfg = load_config(CONFIGS / name, profile)
     model, train = cfg["model"], cfg["train"]
     assert model["type"] == model_type and model["backbone"]["name"] == backbone
-    assert model["mask"]["enabled"] is mask
-    assert model["roi"]["detections_per_img"] >= (1000 if profile == "paper" else 100)
+    assert bool(model["mask"]["enabled"]) is mask
+    assert model["roi"]["detections_per_img"] >= (3000 if profile == "paper" else 100)
+    for name in SECTION_KEYS:  # every section complete: the builders read nothing from the code
+        section(model, name)
     assert model["anchor"]["sizes"][0] == [8] and model["anchor"]["aspect_ratios"] == [
         0.25,
         0.5,
@@ -196,3 +199,10 @@ def test_sgd_step_option_in_base():
         "gaussian_blur",
         "median_blur",
     }
+
+
+def test_base_states_exactly_the_keys_the_model_builders_read():
+    raw = yaml.safe_load((CONFIGS / "base.yaml").read_text())["model"]
+    for name, keys in SECTION_KEYS.items():
+        assert set(raw[name]) == set(keys), name
+    assert set(raw) == {"type", *SECTION_KEYS}

@@ -13,31 +13,22 @@ from torchvision.ops import box_iou
 
 from cellmask import config
 from cellmask.models import DETECTOR_TYPES, build_detector, register_detector
-from cellmask.models.faster_rcnn import CellFasterRCNN, build_faster_rcnn, build_rpn, build_transform
+from cellmask.models.faster_rcnn import CellFasterRCNN, build_faster_rcnn
 
-SMOKE_SWIN = {
-    "name": "swin_tiny_patch4_window7_224",
-    "pretrained": False,
-    "kwargs": {"embed_dim": 32, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]},
-}
-SMOKE_RESNEST = {
-    "name": "resnest101e",
-    "pretrained": False,
-    "kwargs": {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16},
-}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SMOKE_RESNEST_KWARGS = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}
 
 
-def smoke_model_cfg(backbone=SMOKE_SWIN, **sections) -> dict:
-    cfg = {
-        "type": "faster_rcnn",
-        "backbone": dict(backbone),
-        "fpn": {"out_channels": 32},
-        "transform": {"min_size": 128, "max_size": 160},
-        "rpn": {"batch_size_per_image": 64},
-        "roi": {"representation_size": 128, "batch_size_per_image": 128, "detections_per_img": 1000},
-    }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value}
+def smoke_model_cfg(**changes) -> dict:
+    """The smoke profile's ``model`` section of the Swin-T branch, with ``changes`` merged in."""
+    cfg = config.load_config(CONFIGS / "faster_rcnn_swin_t.yaml", profile="smoke")["model"]
+    return config.deep_merge(cfg, changes)
+
+
+def resnest_cfg() -> dict:
+    """ResNeSt-101 reduced, with its (frozen) BatchNorm, in the Faster R-CNN smoke model."""
+    cfg = smoke_model_cfg(backbone={"name": "resnest101e", "frozen_stages": 1})
+    cfg["backbone"]["kwargs"] = dict(SMOKE_RESNEST_KWARGS)
     return cfg
 
 
@@ -90,9 +81,9 @@ def trained():
 
 def test_registry_builds_faster_rcnn_with_config_settings():
     cfg = smoke_model_cfg(
-        rpn={"pre_nms_top_n_train": 1500, "post_nms_top_n_test": 800, "nms_thresh": 0.65},
-        roi={"score_thresh": 0.01, "nms_thresh": 0.4, "detections_per_img": 1200},
-        transform={"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]},
+        rpn={"pre_nms_top_n_train": 1500, "post_nms_top_n_test": 800, "nms_thresh": 0.65, "match_chunk": 333},
+        roi={"score_thresh": 0.01, "nms_thresh": 0.4, "detections_per_img": 1200, "match_chunk": None},
+        transform={"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "size_divisible": 64},
     )
     model = build_detector(cfg, num_classes=4)
     assert isinstance(model, CellFasterRCNN)
@@ -104,25 +95,49 @@ def test_registry_builds_faster_rcnn_with_config_settings():
     assert model.roi_heads.box_roi_pool.output_size == (7, 7)
     assert model.roi_heads.box_roi_pool.sampling_ratio == 2
     assert model.roi_heads.box_head.fc7.out_features == 128
-    assert model.rpn._pre_nms_top_n == {"training": 1500, "testing": 1000}
-    assert model.rpn._post_nms_top_n == {"training": 2000, "testing": 800}
+    assert model.rpn._pre_nms_top_n == {"training": 1500, "testing": 200}
+    assert model.rpn._post_nms_top_n == {"training": 100, "testing": 800}
     assert model.rpn.nms_thresh == 0.65
+    assert model.rpn.proposal_matcher.chunk == 333 and model.rpn.proposal_matcher.allow_low_quality_matches
+    assert model.roi_heads.proposal_matcher.chunk is None
     assert model.transform.min_size == (128,) and model.transform.max_size == 160
     assert model.transform.image_mean == [0.5, 0.5, 0.5] and model.transform.image_std == [0.25, 0.25, 0.25]
-    assert model.transform.size_divisible == 32
+    assert model.transform.size_divisible == 64
 
 
-def test_paper_defaults_without_building_a_paper_backbone():
-    # the sections' defaults are the paper's: >= 1000 detections, 2000/1000 proposals, 520/704
-    model = build_faster_rcnn({"backbone": SMOKE_SWIN}, num_classes=4)
-    assert model.roi_heads.detections_per_img >= 1000
-    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 512
-    assert model.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
-    assert model.rpn._post_nms_top_n == {"training": 2000, "testing": 1000}
-    assert model.transform.min_size == (520,) and model.transform.max_size == 704
-    assert model.backbone.out_channels == 256
-    rpn, transform = build_rpn({}, 256), build_transform({})
-    assert rpn._post_nms_top_n["testing"] == 1000 and transform.max_size == 704
+def test_caps_are_read_from_the_config():
+    paper = config.load_config(CONFIGS / "faster_rcnn_swin_t.yaml")["model"]
+    for changes in ({}, {"rpn": {"post_nms_top_n_test": 1234}, "roi": {"detections_per_img": 2345}}):
+        cfg = config.deep_merge(smoke_model_cfg(), {"rpn": paper["rpn"], "roi": paper["roi"]})
+        cfg = config.deep_merge(cfg, changes)
+        model = build_faster_rcnn(cfg, num_classes=4)
+        r, roi = cfg["rpn"], cfg["roi"]
+        assert model.rpn._pre_nms_top_n == {
+            "training": r["pre_nms_top_n_train"],
+            "testing": r["pre_nms_top_n_test"],
+        }
+        assert model.rpn._post_nms_top_n == {
+            "training": r["post_nms_top_n_train"],
+            "testing": r["post_nms_top_n_test"],
+        }
+        assert model.roi_heads.detections_per_img == roi["detections_per_img"]
+        assert model.roi_heads.fg_bg_sampler.batch_size_per_image == roi["batch_size_per_image"]
+    # the paper's caps cover the densest LIVECell images (~3000 cells), not only the competition's
+    assert paper["rpn"]["post_nms_top_n_test"] >= 3000 and paper["roi"]["detections_per_img"] >= 3000
+    assert model.rpn._post_nms_top_n["testing"] == 1234 and model.roi_heads.detections_per_img == 2345
+
+
+def test_every_value_comes_from_the_config():
+    cfg = smoke_model_cfg()
+    del cfg["rpn"]["nms_thresh"]
+    with pytest.raises(ValueError, match=r"model\.rpn\.nms_thresh"):
+        build_faster_rcnn(cfg, num_classes=4)
+    cfg = smoke_model_cfg()
+    del cfg["transform"]
+    with pytest.raises(ValueError, match=r"model\.transform\.min_size"):
+        build_detector(cfg, num_classes=4)
+    with pytest.raises(ValueError, match="unknown key.*detection_per_img"):
+        build_faster_rcnn(smoke_model_cfg(roi={"detection_per_img": 10}), num_classes=4)
 
 
 def test_anchors_are_cell_sized():
@@ -143,8 +158,10 @@ def test_anchors_are_cell_sized():
 def test_anchor_config_is_validated():
     with pytest.raises(ValueError, match="levels"):
         build_faster_rcnn(smoke_model_cfg(anchor={"sizes": [[8], [16]]}), num_classes=4)
-    with pytest.warns(UserWarning, match="detection_per_img"):
-        build_faster_rcnn(smoke_model_cfg(roi={"detection_per_img": 10}), num_classes=4)
+    with pytest.raises(ValueError, match="same number of sizes"):
+        build_faster_rcnn(
+            smoke_model_cfg(anchor={"sizes": [[8, 16], [16], [32], [64], [128]]}), num_classes=4
+        )
 
 
 def test_class_dependent_prefixes_cover_exactly_the_class_shaped_weights():
@@ -162,9 +179,9 @@ def test_class_dependent_prefixes_cover_exactly_the_class_shaped_weights():
 
 def test_unknown_type_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"cascade_mask_rcnn.*cascade_rcnn.*faster_rcnn"):
-        build_detector({"type": "yolo", "backbone": SMOKE_SWIN}, num_classes=4)
+        build_detector({**smoke_model_cfg(), "type": "yolo"}, num_classes=4)
     with pytest.raises(ValueError, match="unknown model.type None"):
-        build_detector({"backbone": SMOKE_SWIN}, num_classes=4)
+        build_detector({k: v for k, v in smoke_model_cfg().items() if k != "type"}, num_classes=4)
     assert set(DETECTOR_TYPES) >= {"faster_rcnn", "cascade_rcnn", "cascade_mask_rcnn"}
 
 
@@ -184,7 +201,7 @@ def test_cascade_types_get_a_backbone_and_mask_flag(monkeypatch, kind, mask):
     assert build_detector(cfg, num_classes=9) == "built"
     assert seen["cfg"]["mask"]["enabled"] is mask and seen["num_classes"] == 9
     assert seen["backbone"].out_channels == 32
-    assert "mask" not in cfg  # the caller's config is not modified
+    assert cfg["mask"]["enabled"] is None  # set from the type in a copy, the caller's is untouched
     cfg["mask"] = {"enabled": not mask}
     with pytest.raises(ValueError, match="contradicts"):
         build_detector(cfg, num_classes=9)
@@ -210,7 +227,7 @@ def test_importing_models_is_cheap():
 def test_resnest_faster_rcnn_trains_at_batch_one():
     torch.manual_seed(0)
     image, target = synthetic_image(np.random.default_rng(1), 96, 120, 3)
-    model = build_detector(smoke_model_cfg(SMOKE_RESNEST), num_classes=4).train()
+    model = build_detector(resnest_cfg(), num_classes=4).train()
     losses = model([image], [target])
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     total = sum(losses.values())
@@ -256,20 +273,74 @@ def test_eval_boxes_are_in_original_image_coordinates(trained):
     assert (best > 0.5).float().mean() >= 0.8, best
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
 @pytest.mark.parametrize("profile", ["smoke", "paper"])
 def test_builds_from_the_branch_config(profile):
     path = CONFIGS / "faster_rcnn_swin_t.yaml"
     cfg = config.load_config(path, profile=profile, overrides={"model": {"backbone": {"pretrained": False}}})
     model = build_detector(cfg["model"], num_classes=4)
     assert isinstance(model, CellFasterRCNN)
-    assert model.backbone.name == "swin_tiny_patch4_window7_224"
+    assert model.backbone.name == cfg["model"]["backbone"]["name"] == "swin_tiny_patch4_window7_224.ms_in1k"
     if profile == "paper":  # construction only: a paper-size forward is too slow for the tests
-        assert model.roi_heads.detections_per_img >= 1000
-        assert model.backbone.out_channels == 256
+        assert model.roi_heads.detections_per_img == cfg["model"]["roi"]["detections_per_img"] >= 3000
+        assert model.backbone.out_channels == 256 and model.transform.min_size == (540,)
+        assert model.backbone.frozen_stages == -1 and all(
+            p.requires_grad for p in model.backbone.parameters()
+        )
         return
     image, target = synthetic_image(np.random.default_rng(2), 100, 130, 3)
     losses = model.train()([image], [target])
     assert torch.isfinite(sum(losses.values()))
+
+
+def test_checkpoints_of_torchvisions_faster_rcnn_load_unchanged():
+    # the earlier CellFasterRCNN was torchvision's FasterRCNN: same module names, same keys
+    import copy
+
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.rpn import RPNHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    cfg = smoke_model_cfg()
+    torch.manual_seed(0)
+    ours = build_detector(cfg, num_classes=4).eval()
+    torch.manual_seed(1)
+    r, roi = cfg["rpn"], cfg["roi"]
+    theirs = FasterRCNN(
+        copy.deepcopy(ours.backbone),
+        num_classes=None,
+        min_size=128,
+        max_size=160,
+        image_mean=cfg["transform"]["image_mean"],
+        image_std=cfg["transform"]["image_std"],
+        rpn_anchor_generator=AnchorGenerator(
+            ((8.0,), (16.0,), (32.0,), (64.0,), (128.0,)), ((0.25, 0.5, 1.0, 2.0, 4.0),) * 5
+        ),
+        rpn_head=RPNHead(32, 5),
+        rpn_pre_nms_top_n_test=r["pre_nms_top_n_test"],
+        rpn_post_nms_top_n_test=r["post_nms_top_n_test"],
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2),
+        box_head=TwoMLPHead(32 * 49, roi["representation_size"]),
+        box_predictor=FastRCNNPredictor(roi["representation_size"], 4),
+        box_score_thresh=roi["score_thresh"],
+        box_detections_per_img=roi["detections_per_img"],
+    ).eval()
+    for p in theirs.parameters():  # visible weights: the loaded model must reproduce them
+        p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    state = theirs.state_dict()
+    assert set(state) == set(ours.state_dict())
+    ours.load_state_dict(state, strict=True)
+    image, _ = synthetic_image(np.random.default_rng(3), 110, 140, 4)
+    with torch.no_grad():
+        a, b = ours([image])[0], theirs([image])[0]
+    assert len(a["boxes"]) > 0
+    for key in ("boxes", "labels", "scores"):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_eval_boxes_under_autocast_are_float32_and_close_to_float32_ones(trained):
+    from test_autocast import assert_eval_under_autocast_close
+
+    model, images, _, _ = trained
+    assert_eval_under_autocast_close(model, images, min_confident=4)

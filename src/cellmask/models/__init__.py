@@ -77,6 +77,6 @@ def build_detector(model_cfg: dict[str, Any], num_classes: int) -> Any:
         raise ValueError(f"unknown model.type {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
     cfg = _mask_cfg(model_cfg, kind)
     builder = _resolve(_REGISTRY[kind])  # import first: a missing module fails before any building
-    from cellmask.models.faster_rcnn import build_model_backbone
+    from cellmask.models.backbones import build_model_backbone
 
     return builder(cfg, num_classes, build_model_backbone(cfg))

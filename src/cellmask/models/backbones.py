@@ -5,15 +5,19 @@
 with ``out_channels`` channels) out, which is exactly what torchvision's RPN, ``AnchorGenerator``
 and ``MultiScaleRoIAlign(['0', '1', '2', '3'])`` expect.
 
-Bodies (``backbone_cfg["name"]``):
+Bodies (``backbone_cfg["name"]``, a timm name with its pretrained tag, so the weights a run
+starts from are named in its config):
 
-- ``swin_tiny_patch4_window7_224`` (Swin-T, branch 1),
-- ``resnext101_32x4d`` (ResNeXt-101 32x4d, branches 2 and 4 and the baseline),
-- ``resnest101e`` (ResNeSt-101, branch 3),
+- ``swin_tiny_patch4_window7_224.ms_in1k`` (Swin-T, branch 1),
+- ``resnext101_32x4d.gluon_in1k`` (ResNeXt-101 32x4d, branches 2 and 4 and the baseline),
+- ``resnest101e.in1k`` (ResNeSt-101, branch 3),
 
 or any other timm model with stride-4..32 feature levels. ``backbone_cfg["kwargs"]`` goes to
 ``timm.create_model`` verbatim (reduced demo/smoke variants: ``layers``, ``channels``,
 ``stem_width`` for the resnets; ``embed_dim``, ``depths``, ``num_heads`` for Swin).
+
+Every builder here takes a complete ``model.backbone`` section
+(:data:`cellmask.models.sections.SECTION_KEYS`); the values live in ``configs/base.yaml``.
 
 Swin and the input size
 -----------------------
@@ -45,20 +49,22 @@ Every ``BatchNorm2d`` of a body is replaced with torchvision's ``FrozenBatchNorm
 and affine parameters fixed; standard for detection at batch 2, and it keeps ResNeSt's
 split-attention BN from failing on 1x1 inputs at batch 1). ``backbone_cfg["frozen_stages"]``
 follows mmdet: ``-1`` trains everything, ``0`` freezes the stem (Swin: patch embedding), ``k``
-also freezes the first ``k`` stages. Default: 1 for CNNs (mmdet's ResNet detection configs),
--1 for Swin (mmdet's Swin detection configs).
+also freezes the first ``k`` stages. The configs use 1 for the CNNs (mmdet's ResNet detection
+configs) and -1 for Swin (Swin's own detection configs freeze nothing).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cellmask.models.sections import OPTIONAL_KEYS, SECTION_KEYS, require, section
 
 __all__ = [
     "KNOWN_BACKBONES",
@@ -66,12 +72,18 @@ __all__ = [
     "backbone_param_count",
     "build_backbone",
     "build_body",
+    "build_model_backbone",
     "freeze_batch_norm",
     "nominal_input_size",
 ]
 
-KNOWN_BACKBONES: tuple[str, ...] = ("swin_tiny_patch4_window7_224", "resnext101_32x4d", "resnest101e")
-"""The bodies of the paper's detectors (any timm model with stride 4..32 features also works)."""
+KNOWN_BACKBONES: tuple[str, ...] = (
+    "swin_tiny_patch4_window7_224.ms_in1k",
+    "resnext101_32x4d.gluon_in1k",
+    "resnest101e.in1k",
+)
+"""The bodies of the paper's detectors with their ImageNet-1k weight tags (any timm model with
+stride 4..32 features also works)."""
 
 FEATURE_STRIDES: tuple[int, ...] = (4, 8, 16, 32)
 """Strides of the body levels fed to the FPN (P2..P5; P6 is a max-pool of P5)."""
@@ -131,8 +143,9 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_body(backbone_cfg: dict[str, Any], image_size: tuple[int, int] | None = None) -> nn.Module:
-    """The timm ``features_only`` body of ``backbone_cfg`` (no FPN, no BN replacement).
+def build_body(backbone_cfg: Mapping[str, Any], image_size: tuple[int, int] | None = None) -> nn.Module:
+    """The timm ``features_only`` body of a complete ``model.backbone`` section (no FPN, no BN
+    replacement).
 
     Levels are those with strides 4, 8, 16, 32 (``out_indices`` chosen per family, or
     ``backbone_cfg["out_indices"]``). ``backbone_cfg["weights_file"]`` loads ImageNet weights
@@ -140,7 +153,10 @@ def build_body(backbone_cfg: dict[str, Any], image_size: tuple[int, int] | None 
     """
     import timm
 
-    name = backbone_cfg.get("name")
+    backbone_cfg = require(
+        backbone_cfg, SECTION_KEYS["backbone"], "model.backbone", OPTIONAL_KEYS["backbone"]
+    )
+    name = backbone_cfg["name"]
     if not name:
         raise ValueError("backbone config needs a 'name' (e.g. one of " + ", ".join(KNOWN_BACKBONES) + ")")
     kwargs: dict[str, Any] = {}
@@ -149,15 +165,15 @@ def build_body(backbone_cfg: dict[str, Any], image_size: tuple[int, int] | None 
         kwargs.update(strict_img_size=False, always_partition=True)
         if image_size is not None:
             kwargs["img_size"] = tuple(int(s) for s in image_size)
-    kwargs.update(backbone_cfg.get("kwargs") or {})
+    kwargs.update(backbone_cfg["kwargs"] or {})
     for key in ("depths", "num_heads", "layers", "channels", "img_size"):
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])  # YAML gives lists; timm wants tuples in places
-    out_indices = backbone_cfg.get("out_indices")
+    out_indices = backbone_cfg["out_indices"]
     if out_indices is None:
         out_indices = (0, 1, 2, 3) if swin else (1, 2, 3, 4)
-    pretrained = bool(backbone_cfg.get("pretrained", False))
-    weights_file = backbone_cfg.get("weights_file")
+    pretrained = bool(backbone_cfg["pretrained"])
+    weights_file = backbone_cfg["weights_file"]
     if weights_file:
         pretrained = True
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file)}
@@ -168,7 +184,7 @@ def build_body(backbone_cfg: dict[str, Any], image_size: tuple[int, int] | None 
     except RuntimeError as e:
         if pretrained and "size mismatch" in str(e):
             raise ValueError(
-                f"backbone {name}: ImageNet weights do not fit the reduced variant {backbone_cfg.get('kwargs')}; "
+                f"backbone {name}: ImageNet weights do not fit the reduced variant {backbone_cfg['kwargs']}; "
                 "set pretrained: false for demo/smoke sizes"
             ) from e
         raise
@@ -180,10 +196,11 @@ def build_body(backbone_cfg: dict[str, Any], image_size: tuple[int, int] | None 
     return body
 
 
-def backbone_param_count(backbone_cfg: dict[str, Any]) -> int:
+def backbone_param_count(backbone_cfg: Mapping[str, Any]) -> int:
     """Parameters of the timm body alone (no FPN, no classifier, no extra output norms).
 
-    Builds the body with ``pretrained=False`` (nothing is downloaded).
+    Takes a complete ``model.backbone`` section; builds the body with ``pretrained=False``
+    (nothing is downloaded).
     """
     cfg = {**backbone_cfg, "pretrained": False, "weights_file": None}
     return sum(p.numel() for p in build_body(cfg).parameters())
@@ -281,33 +298,49 @@ class BackboneWithFPN(nn.Module):
 
 
 def build_backbone(
-    backbone_cfg: dict[str, Any],
-    fpn_cfg: dict[str, Any] | None = None,
+    backbone_cfg: Mapping[str, Any],
+    fpn_cfg: Mapping[str, Any],
     image_size: tuple[int, int] | None = None,
 ) -> BackboneWithFPN:
     """Build body + FPN from the ``model.backbone`` and ``model.fpn`` config sections.
 
     Args:
-        backbone_cfg: ``{name, pretrained, kwargs, frozen_stages?, out_indices?, weights_file?,
-            out_norm?}``.
-        fpn_cfg: ``{out_channels: 256}``.
+        backbone_cfg: the complete ``model.backbone`` section (``name``, ``pretrained``,
+            ``frozen_stages``, ``kwargs``, ``out_indices``, ``out_norm``, ``weights_file``).
+        fpn_cfg: the ``model.fpn`` section (``out_channels``).
         image_size: nominal padded input ``(H, W)`` (Swin's ``img_size``; see module docstring).
             ``backbone_cfg["kwargs"]["img_size"]`` overrides it.
 
     Returns:
         :class:`BackboneWithFPN` with ``out_channels``; ``forward`` gives P2..P6 as an
         ``OrderedDict`` keyed ``'0', '1', '2', '3', 'pool'``.
+
+    Raises:
+        ValueError: a missing or unknown key (named), an unknown body, bad ``frozen_stages``.
     """
-    fpn_cfg = fpn_cfg or {}
-    name = backbone_cfg.get("name", "")
+    backbone_cfg = require(
+        backbone_cfg, SECTION_KEYS["backbone"], "model.backbone", OPTIONAL_KEYS["backbone"]
+    )
+    fpn_cfg = require(fpn_cfg, SECTION_KEYS["fpn"], "model.fpn")
     body = build_body(backbone_cfg, image_size)
-    frozen = backbone_cfg.get("frozen_stages")
-    if frozen is None:
-        frozen = -1 if _is_swin(name) else 1
     return BackboneWithFPN(
         body,
-        name=name,
-        out_channels=int(fpn_cfg.get("out_channels", 256)),
-        frozen_stages=int(frozen),
-        out_norm=backbone_cfg.get("out_norm"),
+        name=backbone_cfg["name"],
+        out_channels=int(fpn_cfg["out_channels"]),
+        frozen_stages=int(backbone_cfg["frozen_stages"]),
+        out_norm=backbone_cfg["out_norm"],
     )
+
+
+def build_model_backbone(model_cfg: Mapping[str, Any]) -> BackboneWithFPN:
+    """Body + FPN of a ``model`` config section, sized for the nominal input of its transform.
+
+    Reads ``model.backbone``, ``model.fpn`` and ``model.transform`` (``min_size``,
+    ``max_size``, ``size_divisible``: Swin's nominal ``img_size``, see the module docstring).
+    """
+    t = section(model_cfg, "transform")
+    min_size = t["min_size"]
+    if isinstance(min_size, Sequence):
+        min_size = [int(v) for v in min_size]
+    image_size = nominal_input_size(min_size, int(t["max_size"]), int(t["size_divisible"]))
+    return build_backbone(section(model_cfg, "backbone"), section(model_cfg, "fpn"), image_size)
