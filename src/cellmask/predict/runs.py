@@ -67,7 +67,7 @@ def model_name(cfg: Mapping[str, Any]) -> str:
     """``"<type> <backbone>"`` in words, from a full config's ``model`` section."""
     model = cfg.get("model") or {}
     kind = str(model.get("type", "?"))
-    backbone = str((model.get("backbone") or {}).get("name", ""))
+    backbone = str((model.get("backbone") or {}).get("name", "")).partition(".")[0]  # no timm tag
     return f"{MODEL_NAMES.get(kind, kind)} {MODEL_NAMES.get(backbone, backbone)}".strip()
 
 
