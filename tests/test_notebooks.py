@@ -360,8 +360,11 @@ def _check_inference(notebooks: NotebookSession, nb) -> None:
     assert sum(bool(r["predicted"]) for r in rows) > 0  # instances, not only empty rows
     # the ensemble of every trained branch, with the tuned thresholds 08 wrote into the weights
     used = yaml.safe_load((out / "submission.predict.yaml").read_text())
-    trained = sorted(resolve_run(r).name for r in notebooks.trained_branches())
-    assert sorted(b["name"] for b in used["runs"]["branches"]) == trained and len(trained) == len(BRANCHES)
+    runs = {resolve_run(r).name: r for r in notebooks.trained_branches()}
+    assert sorted(b["name"] for b in used["runs"]["branches"]) == sorted(runs) and len(runs) == len(BRANCHES)
+    for branch in used["runs"]["branches"]:  # WBF weights: each run's ensemble.weight (contract 6)
+        cfg = yaml.safe_load((runs[branch["name"]] / "config.yaml").read_text())
+        assert branch["weight"] == (cfg.get("ensemble") or {}).get("weight", 1), branch["name"]
     tuned = load_predict_config(out / "evaluate" / "tune" / "tuned.predict.yaml")
     assert used["predict"]["score_thresholds"] == tuned["score_thresholds"]
     assert used["predict"]["mask_threshold"] == tuned["mask_threshold"]
