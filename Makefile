@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.cellmask-installed
 DATA   ?= data/synthetic
 
 .PHONY: setup demo test lint format bench synth clean \
-	notebooks-clean wheels weights code-dataset push-datasets push push-train pull-runs submit
+	notebooks-clean wheels weights code-dataset push-datasets push push-train pull-runs pull-evaluation submit
 
 setup: $(STAMP)
 
@@ -82,6 +82,10 @@ push-train: setup
 # Download the training kernels' outputs (02-06) into runs/, for make weights.
 pull-runs: setup
 	$(KAGGLE) pull-runs
+
+# Download 08's output (the ablation and evaluate/tune/tuned.predict.yaml) into runs/.
+pull-evaluation: setup
+	$(KAGGLE) pull-evaluation
 
 # Push 07, wait for its run to complete, submit its submission.csv (VERSION=N: submit that version).
 submit: setup

@@ -161,7 +161,7 @@ def test_training_kernel_metadata(notebook):
     assert (ROOT / meta["code_file"]).is_file()
     assert meta["competition_sources"] == [api.COMPETITION]
     assert {"someone/cellmask-wheels", "someone/cellmask-code"} <= set(meta["dataset_sources"])
-    if "finetune" in notebook:  # reads its branch's LIVECell run from the pretraining kernel
+    if "finetune" in notebook or "soft_teacher" in notebook:  # reads its branch's LIVECell run
         branch = notebook_parameters(read_notebook(ROOT / "notebooks" / f"{notebook}.ipynb"))["BRANCH"]
         assert meta["kernel_sources"] == [f"someone/{packaging.pretrain_slug(branch)}"]
         assert (ROOT / "configs" / f"{branch}.yaml").is_file()
@@ -171,7 +171,7 @@ def test_kernel_slugs_are_distinct():
     specs = [packaging.kernel_spec(n, root=ROOT) for n in packaging.list_notebooks(ROOT)]
     specs += [
         packaging.kernel_spec("01_pretrain_livecell", b, root=ROOT)
-        for b in ("faster_rcnn_swin_t", "cascade_rcnn_resnext101")
+        for b in ("faster_rcnn_swin_t", "cascade_rcnn_resnext101", "soft_teacher_resnext101")
     ]
     assert len({s.slug for s in specs}) == len(specs)
 
@@ -455,3 +455,11 @@ def test_make_pull_runs_dry_run(checkout, tmp_path):
         "someone/cellmask-segmenter",
     ]
     assert all(line.endswith(" -p runs") for line in proc.stdout.splitlines() if line.startswith("$ "))
+
+
+def test_make_pull_evaluation_dry_run(checkout, tmp_path):
+    proc = _make(checkout, tmp_path, "pull-evaluation", "DRY_RUN=1", KAGGLE_USERNAME="someone")
+    assert proc.returncode == 0, proc.stderr
+    commands = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
+    assert commands == ["$ kaggle kernels output someone/cellmask-evaluate -p runs"]
+    assert "make weights PREDICT_CONFIG=runs/evaluate/tune/tuned.predict.yaml" in proc.stdout

@@ -1,5 +1,6 @@
 """The pieces behind the notebooks and the Kaggle datasets: notebook cleaning and parameter
-injection, the weights dataset, the wheels list, and the notebooks' path helpers."""
+injection, the weights dataset, the wheels list, the inference kernel's import check, and the
+notebooks' path and training-stage helpers."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 from nbformat import v4
 
 from cellmask.errors import DataError
+from cellmask.kaggle import imports, session, weights, wheels
 from cellmask.kaggle import notebooks as nbt
-from cellmask.kaggle import session, weights, wheels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -247,6 +248,82 @@ def _fake_version(name: str) -> str:
     raise PackageNotFoundError(name)
 
 
+def test_requirement_closure_walks_markers_and_stops_where_told():
+    graph = {
+        "a": ["B>=1", "c; python_version < '3.11'", "d; extra == 'test'"],
+        "b": ["e"],
+        "e": ["f"],
+    }
+    assert wheels.requirement_closure(["a"], "3.11", graph.get) == {"a", "b", "e", "f"}
+    assert wheels.requirement_closure(["a"], "3.10", graph.get) == {"a", "b", "c", "e", "f"}
+    assert wheels.requirement_closure(["a"], "3.11", graph.get, stop=["b"]) == {"a", "b"}
+
+
+# ------------------------------------------------------------------------------ imports
+
+
+def test_code_imports_reads_every_branch_and_skips_magics():
+    source = """%matplotlib inline
+!pip install nothing
+import os, numpy.linalg as la
+from pathlib import Path
+from . import sibling
+if False:
+    import scipy.stats
+    from torchvision.ops import nms
+def later():
+    import yaml
+"""
+    assert imports.code_imports(source) == {"os", "numpy", "pathlib", "scipy", "torchvision", "yaml"}
+    nb = _notebook(extra="import timm\n%time from cv2 import imread")
+    assert imports.notebook_imports(nb) == {"timm"}
+    with pytest.raises(SyntaxError):
+        imports.code_imports("import (")
+
+
+def test_undeclared_imports_maps_modules_to_distributions():
+    dists = {
+        "timm": ["timm"],
+        "mpl_toolkits": ["matplotlib"],
+        "google": ["protobuf"],
+        "nvidia": ["nvidia-cublas", "nvidia_cufft"],
+        "yaml": ["PyYAML"],
+    }
+    allowed = ["timm", "matplotlib", "nvidia-cufft", "pyyaml"]
+    modules = [
+        "json",
+        "_socket",
+        "timm.models",
+        "mpl_toolkits.axes_grid1",
+        "nvidia.cufft",
+        "yaml",
+        "__main__",
+    ]
+    assert imports.undeclared_imports(modules, allowed, dists) == []
+    problems = imports.undeclared_imports([*modules, "google.protobuf", "helpers"], allowed, dists)
+    assert len(problems) == 2
+    assert problems[0].startswith("google: from protobuf, neither in the base image")
+    assert problems[1].startswith("helpers: no installed distribution provides it")
+    # recorded from sys.modules: a module made at run time (no file) is not an import
+    recorded = {"__mp_main__": None, "_cython_3_2": None, "helpers": "/work/helpers.py", "timm": "/t.py"}
+    assert imports.undeclared_imports(recorded, allowed, dists) == [
+        "helpers (/work/helpers.py): no installed distribution provides it (a local module?)"
+    ]
+
+
+def test_kernel_distributions_are_the_image_and_the_wheels_with_their_dependencies():
+    graph = {
+        "torch": ["sympy", "triton; platform_system == 'Linux'", "pywin32; sys_platform == 'win32'"],
+        "cellmask": ["torch>=2", "timm", "pytest; extra == 'test'"],
+        "timm": ["huggingface_hub"],
+    }
+    base = {"python": "3.11", "platforms": [], "provided": {"torch": ["torch"]}}
+    assert imports.kernel_distributions(base, ["cellmask"], graph.get) == {
+        "torch", "sympy", "triton", "cellmask", "timm", "huggingface-hub",
+    }  # fmt: skip
+    assert imports.kernel_distributions(base, [], graph.get) == {"torch", "sympy", "triton"}
+
+
 # ------------------------------------------------------------------------------ session
 
 
@@ -283,3 +360,27 @@ def test_find_input_tries_roots_in_order(tmp_path):
         == first / "livecell" / "x" / "best.pt"
     )
     assert session.find_input("livecell/y/best.pt", roots=[first, second]) is None
+
+
+def test_stage_config_pretrains_soft_teacher_as_its_plain_detector(tmp_path):
+    from cellmask.config import load_config
+
+    paths = session.NotebookPaths(data=tmp_path, out=tmp_path, configs=ROOT / "configs")
+    name = "soft_teacher_resnext101"
+    plain = session.stage_config(paths, name, "livecell", "smoke")
+    semi = session.stage_config(paths, name, "sartorius", "smoke")
+    base = load_config(ROOT / "configs" / "base.yaml", profile="smoke")
+    assert semi == load_config(ROOT / "configs" / f"{name}.yaml", profile="smoke")
+    assert semi["model"]["type"] == "soft_teacher" and semi["train"]["optimizer"] == "sgd"
+    # LIVECell: the same Faster R-CNN (backbone, heads) with the detectors' recipe, no semi section
+    assert plain["model"] == {**semi["model"], "type": "faster_rcnn"} and "semi" not in plain
+    assert {k: plain["train"][k] for k in session.LIVECELL_RECIPE} == {
+        k: base["train"][k] for k in session.LIVECELL_RECIPE
+    }
+    assert plain["train"]["optimizer"] == "adamw" and plain["train"]["scheduler"] == "cosine"
+    paper = session.stage_config(paths, name, "livecell", "paper", overrides=["train.lr=0.5"])
+    assert paper["train"]["lr"] == 0.5 and paper["train"]["epochs"] == 36  # overrides come last
+    # other branches are trained on LIVECell as they are
+    assert session.stage_config(paths, "faster_rcnn_swin_t", "livecell", "smoke") == load_config(
+        ROOT / "configs" / "faster_rcnn_swin_t.yaml", profile="smoke"
+    )

@@ -10,6 +10,7 @@
     make push                 push              (the offline inference kernel)
     make push-train NB=..     push-train NB [--branch CONFIG]
     make pull-runs            pull-runs         (the training kernels' outputs into runs/)
+    make pull-evaluation      pull-evaluation   (08's output: the ablation and tuned.predict.yaml)
     make submit               submit [--message MSG] [--version N]
 
 ``--dry-run`` (``DRY_RUN=1``) prints each ``kaggle`` command with its real arguments instead of
@@ -153,6 +154,16 @@ def cmd_pull_runs(args: argparse.Namespace, runner: KaggleRunner) -> int:
     return 0
 
 
+def cmd_pull_evaluation(args: argparse.Namespace, runner: KaggleRunner) -> int:
+    user = _user(args)
+    spec = packaging.kernel_spec(packaging.EVALUATE_NOTEBOOK, root=args.root)
+    out = Path(args.out)
+    runner.run(["kernels", "output", f"{user}/{spec.slug}", "-p", str(out)])
+    tuned = out / "evaluate" / "tune" / "tuned.predict.yaml"
+    runner.note(f"then: make weights PREDICT_CONFIG={tuned} (and make push-datasets ONLY=cellmask-weights)")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace, runner: KaggleRunner) -> int:
     user = _user(args)
     spec = packaging.kernel_spec(packaging.INFERENCE_NOTEBOOK, root=args.root)
@@ -179,6 +190,7 @@ COMMANDS = {
     "push": cmd_push,
     "push-train": cmd_push_train,
     "pull-runs": cmd_pull_runs,
+    "pull-evaluation": cmd_pull_evaluation,
     "submit": cmd_submit,
 }
 
@@ -213,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--branch", default=None, help="01_pretrain_livecell only: one branch config")
     s = sub.add_parser("pull-runs", help="download the training kernels' outputs (their runs)")
     s.add_argument("--out", default="runs", help="default runs/ (then make weights reads runs/sartorius)")
+    s = sub.add_parser("pull-evaluation", help="download 08's output (ablation, tuned.predict.yaml)")
+    s.add_argument("--out", default="runs", help="default runs/ (the tuned config: runs/evaluate/tune/)")
     s = sub.add_parser("submit", help="push 07, wait for its run, submit its output")
     s.add_argument("--message", default=None, help="default: cellmask <git describe>")
     s.add_argument("--version", default=None, help="submit this kernel version (no push)")

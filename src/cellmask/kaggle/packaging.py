@@ -47,6 +47,7 @@ BUILD_DIR = Path("build") / "kaggle"
 WEIGHTS, WHEELS, CODE = "cellmask-weights", "cellmask-wheels", "cellmask-code"
 DATASET_NAMES = (WEIGHTS, WHEELS, CODE)
 INFERENCE_NOTEBOOK = "07_inference"
+EVALUATE_NOTEBOOK = "08_evaluate"
 BASE_IMAGE = Path(DATASETS_DIR) / WHEELS / "base_image.json"
 CODE_PARTS = ("configs", "src", "notebooks", "pyproject.toml", "README.md")
 """What the code dataset holds (configs are read from it on Kaggle)."""
@@ -161,7 +162,7 @@ def kernel_spec(notebook: str, branch: str | None = None, root: str | Path = "."
     slug = slugify(f"cellmask {stage}")
     if stage == "prepare_data":
         return KernelSpec(notebook, slug, enable_gpu=False)
-    if stage.startswith("finetune_"):  # reads its branch's LIVECell run (the BRANCH parameter)
+    if stage.startswith("finetune_") or stage == "soft_teacher":  # reads its branch's LIVECell run
         params = notebook_parameters(read_notebook_json(root / NOTEBOOK_DIR / f"{notebook}.ipynb"))
         return KernelSpec(notebook, slug, kernels=(pretrain_slug(params["BRANCH"]),))
     if stage == "evaluate":

@@ -101,6 +101,37 @@ def find_input(relative: str | Path, roots: Sequence[str | Path] = ()) -> Path |
     return next((c for c in candidates if c.exists()), None)
 
 
+LIVECELL_RECIPE = ("optimizer", "lr", "weight_decay", "scheduler", "epochs")
+"""The ``train:`` keys the LIVECell stage of a Soft Teacher branch takes from ``base.yaml``: the
+detectors' recipe (AdamW, lr 1e-4, weight decay 1e-2, cosine, 36 epochs), as the header of
+``configs/soft_teacher_resnext101.yaml`` sets them with ``--set``."""
+
+
+def stage_config(
+    paths: NotebookPaths, config: str, dataset: str, profile: str = "paper", overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The resolved config of one training stage: ``configs/<config>.yaml`` for ``profile`` with
+    ``overrides``.
+
+    A ``soft_teacher`` config on LIVECell is its plain Faster R-CNN (the paper's stage 1: there
+    are no unlabeled LIVECell images): ``model.type: faster_rcnn``, no ``semi:`` section, and
+    :data:`LIVECELL_RECIPE` from ``base.yaml`` for the same profile. The Soft Teacher stage then
+    starts student and teacher from that run (``init``).
+    """
+    from cellmask.config import deep_merge, load_config, parse_overrides
+
+    cfg = load_config(paths.config(config), profile=profile)
+    if dataset == "livecell" and cfg["model"]["type"] == "soft_teacher":
+        base = load_config(paths.config("base"), profile=profile)
+        cfg["model"]["type"] = "faster_rcnn"
+        cfg.pop("semi", None)
+        cfg["train"].update({k: base["train"][k] for k in LIVECELL_RECIPE})
+        print(
+            f"{config} on LIVECell: its plain Faster R-CNN with the detectors' recipe (the paper's stage 1)"
+        )
+    return deep_merge(cfg, parse_overrides(overrides)) if overrides else cfg
+
+
 def train_stage(
     paths: NotebookPaths,
     config: str,
@@ -114,7 +145,8 @@ def train_stage(
     out_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
 ) -> dict[str, Any]:
-    """``cellmask train`` of config ``config`` on ``dataset`` into ``paths.run(dataset, config)``.
+    """``cellmask train`` of config ``config`` (:func:`stage_config`) on ``dataset`` into
+    ``paths.run(dataset, config)``.
 
     Args:
         resume_from: a run directory of an earlier session (e.g. this kernel's previous output
@@ -125,10 +157,9 @@ def train_stage(
     Returns:
         :func:`~cellmask.train.run_training`'s result, plus ``run_dir``.
     """
-    from cellmask.config import load_config
     from cellmask.train import run_training
 
-    cfg = load_config(paths.config(config), profile=profile, overrides=list(overrides) or None)
+    cfg = stage_config(paths, config, dataset, profile, overrides)
     run_dir = Path(out_dir) if out_dir is not None else paths.run(dataset, config)
     resume = False
     if resume_from is not None:

@@ -1,7 +1,9 @@
 """The wheels dataset: every dependency of cellmask that Kaggle's image lacks, as wheels for its
 Python and platform, plus cellmask's own wheel (``make wheels``). ``base_image.json`` beside
-the wheels says what the image is assumed to have; the inference kernel installs the wheels
-with ``pip install --no-index --no-deps``."""
+the wheels says what the image is assumed to have; the kernels install cellmask from the
+wheels with ``pip install --no-index --find-links <wheels> cellmask`` (pip resolves every
+dependency against the image and the folder, so a missing one fails the install, not a later
+import)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,45 @@ def _requirement(text: str, python: str) -> str | None:
     return normalize_name(req.name)
 
 
+def _installed_requires(name: str) -> list[str]:
+    """``Requires-Dist`` lines of an installed distribution (``[]`` when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        return requires(name) or []
+    except PackageNotFoundError:
+        return []
+
+
+def requirement_closure(
+    roots: Iterable[str],
+    python: str,
+    requires: Callable[[str], Iterable[str] | None] | None = None,
+    stop: Iterable[str] = (),
+) -> set[str]:
+    """Normalised names of ``roots`` and of every distribution they require, recursively, on
+    Linux with ``python`` (markers evaluated, extras left out). The walk includes the names in
+    ``stop`` but does not go past them.
+
+    Args:
+        requires: ``name -> Requires-Dist lines`` (default: the installed metadata; a
+            distribution that is not installed has none).
+    """
+    requires = requires or _installed_requires
+    halt = {normalize_name(n) for n in stop}
+    seen = {normalize_name(r) for r in roots}
+    todo = sorted(seen - halt)
+    while todo:
+        name = todo.pop()
+        for line in requires(name) or []:
+            dep = _requirement(line, python)
+            if dep and dep not in seen:
+                seen.add(dep)
+                if dep not in halt:
+                    todo.append(dep)
+    return seen
+
+
 def missing_distributions(
     base: Mapping[str, Any],
     root: str = "cellmask",
@@ -55,21 +96,15 @@ def missing_distributions(
     Args:
         requires: ``name -> Requires-Dist lines`` (default: the installed metadata).
     """
-    if requires is None:
-        from importlib.metadata import requires as installed_requires
-
-        requires = installed_requires
     provided = {normalize_name(n) for n in base["provided"]}
-    seen: set[str] = set()
-    todo = [normalize_name(root)]
-    while todo:
-        name = todo.pop()
-        for line in requires(name) or []:
-            dep = _requirement(line, str(base["python"]))
-            if dep and dep not in provided and dep not in seen and dep != normalize_name(root):
-                seen.add(dep)
-                todo.append(dep)
-    return sorted(seen)
+    found = requirement_closure([root], str(base["python"]), requires, stop=provided)
+    return sorted(found - provided - {normalize_name(root)})
+
+
+def wheel_distributions(base: Mapping[str, Any], root: str = "cellmask") -> list[str]:
+    """What ``make wheels`` puts in the wheels dataset: ``root``'s own wheel and
+    :func:`missing_distributions` (normalised names)."""
+    return [normalize_name(root), *missing_distributions(base, root)]
 
 
 def pinned(names: Iterable[str], version: Callable[[str], str] | None = None) -> list[str]:
