@@ -103,6 +103,28 @@ def test_tune_finds_the_planted_thresholds(tmp_path):
     assert "gain +" in result.summary()
 
 
+def test_tune_keeps_the_configured_values_when_nothing_beats_them(tmp_path):
+    # a segmenter that never fires: every grid point scores 0, a tie with the configured values
+    predictor = Predictor(
+        [Branch("blobs", BlobDetector(hi=0.8, lo=0.45, pad=3))],
+        ContentSegmenter(inside=0.0, outside=0.0),
+        {"device": "cpu", "tta": False, "min_area": 0},
+    )
+    result = tune_predictor(
+        predictor,
+        _planted_records(tmp_path, n_images=2),
+        score_grid=(0.1, 0.9),
+        mask_grid=(0.3, 0.7),
+        out=tmp_path / "tune",
+        progress=False,
+    )
+    assert result.score == result.default_score == 0.0
+    assert result.best == {
+        "score_thresholds": result.configured["score_thresholds"],
+        "mask_threshold": result.configured["mask_threshold"],
+    }
+
+
 def test_tune_without_class_vote_searches_each_class(tmp_path):
     records = _planted_records(tmp_path, 2)
     predictor = Predictor(

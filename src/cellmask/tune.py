@@ -253,7 +253,9 @@ def tune_predictor(
 
     from tqdm.auto import tqdm
 
-    best = (-1.0, dict(configured["score_thresholds"]), configured["mask_threshold"])
+    search_default = total(configured["score_thresholds"], configured["mask_threshold"])
+    # the configured values stand unless a grid point beats them (a tie keeps them)
+    best = (search_default, dict(configured["score_thresholds"]), configured["mask_threshold"])
     curves: dict[float, dict[str, list[tuple[float, float]]]] = {}
     for m in tqdm(mask_grid, desc="tune: grid", disable=None if progress else True, leave=False):
         current = dict(configured["score_thresholds"])
@@ -266,7 +268,6 @@ def tune_predictor(
         score = total(current, m)
         if score > best[0] + 1e-12:
             best = (score, dict(current), m)
-    search_default = total(configured["score_thresholds"], configured["mask_threshold"])
     tuned = {"score_thresholds": best[1], "mask_threshold": best[2]}
 
     exact_default = exact_tuned = float("nan")
