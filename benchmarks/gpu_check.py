@@ -97,7 +97,9 @@ def sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_steps(name: str, profile: str, root: Path, runs: Path, device: Any, args: argparse.Namespace) -> dict:
+def train_steps(
+    name: str, profile: str, root: Path, runs: Path, device: Any, args: argparse.Namespace
+) -> dict:
     """Build ``name`` as ``cellmask train`` would, run warm-up + timed steps, save it as a run."""
     import torch
 
@@ -146,7 +148,6 @@ def train_steps(name: str, profile: str, root: Path, runs: Path, device: Any, ar
         "batch": int(cfg["train"]["batch_size"]),
         "amp": amp,
     }
-    del model, optimizer, loader, batches
     return row
 
 
