@@ -56,7 +56,9 @@ def test_checkpoint_choice_best_then_last_then_newest_epoch(tmp_path, runs):
 def test_weight_and_name_come_from_the_run_config(tmp_path, runs):
     spec = resolve_run(runs["det"])
     assert spec.weight == 2.0 and spec.name == "Faster R-CNN Swin-T" and spec.kind == "faster_rcnn"
-    no_weight = save_run(tmp_path / "w", branch_config(FASTER))
+    cfg = branch_config(FASTER)
+    del cfg["ensemble"]  # a run whose config predates contract 6
+    no_weight = save_run(tmp_path / "w", cfg)
     assert resolve_run(no_weight).weight == 1.0  # contract 6: default 1
     pred = Predictor.from_runs([runs["det"], no_weight], runs["seg"], device="cpu")
     assert [b.weight for b in pred.branches] == [2.0, 1.0]
