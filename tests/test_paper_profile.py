@@ -106,3 +106,12 @@ def test_the_800_pixel_fine_tuning_of_the_authors_code_is_documented_not_default
     assert transform.min_size[-1] == 800 and set(transform.min_size) == {800, 832, 864, 896, 928, 960}
     assert transform.max_size == 1690
     assert paper("faster_rcnn_swin_t")["model"]["transform"]["min_size"] == 540  # not the default
+
+
+def test_train_defaults_in_code_are_base_yamls():
+    # train_config fills keys a config lacks from TRAIN_DEFAULTS: they must be base.yaml's values,
+    # or a run built from a partial config would silently train with another recipe
+    from cellmask.engine import TRAIN_DEFAULTS
+
+    base = load_config(CONFIGS / "base.yaml")["train"]
+    assert {k: base.get(k, "<missing from base.yaml>") for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS

@@ -28,7 +28,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "image_cache": True,
     "seed": 0,
     "checkpoint_every": 1,
-    "keep_epoch_checkpoints": None,
+    "keep_epoch_checkpoints": 5,
     "val_every": 1,
     "monitor": "val_AP",
     "monitor_mode": "max",
