@@ -115,3 +115,13 @@ def test_train_defaults_in_code_are_base_yamls():
 
     base = load_config(CONFIGS / "base.yaml")["train"]
     assert {k: base.get(k, "<missing from base.yaml>") for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
+
+
+def test_soft_teacher_defaults_in_code_are_its_configs():
+    # the semi: numbers the code falls back on are the ones configs/soft_teacher_resnext101.yaml states
+    from cellmask.data.semi import DEFAULT_SEMI_DATA
+    from cellmask.models.soft_teacher.settings import DEFAULT_SEMI_MODEL
+
+    semi = load_config(CONFIGS / "soft_teacher_resnext101.yaml")["semi"]
+    assert {k: semi[k] for k in DEFAULT_SEMI_MODEL} == DEFAULT_SEMI_MODEL
+    assert {k: semi[k] for k in DEFAULT_SEMI_DATA} == DEFAULT_SEMI_DATA
