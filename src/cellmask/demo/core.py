@@ -171,7 +171,7 @@ def run_demo(
     layout = CompetitionLayout(data)
     stages = demo_stages(branches)
     configs = load_stage_configs(stages, profile, config_dir)
-    branch_stages = [s for s in stages if s.role == "branch"]
+    branch_stages = sorted((s for s in stages if s.role == "branch"), key=lambda s: BRANCHES.index(s.name))
     first = configs[branch_stages[0].name]
 
     # 1. data

@@ -103,21 +103,31 @@ class Stage:
         return tuple(dict.fromkeys(([self.init] if self.init else []) + list(self.depends)))
 
 
+TRAINING_ORDER: tuple[str, ...] = (
+    "faster_rcnn_swin_t",
+    "cascade_rcnn_resnext101",
+    "soft_teacher_resnext101",
+    "cascade_rcnn_resnest101",
+    SEGMENTER,
+)
+"""Priority of the runs when a worker frees up (the first ready one starts): the longest run
+and Soft Teacher's start first, so the two workers finish close together (two workers: Swin-T
+then ResNeSt on one, ResNeXt, Soft Teacher and the segmenter on the other)."""
+
+
 def demo_stages(branches: Sequence[str] = BRANCHES) -> list[Stage]:
-    """The whole method: the chosen branches (Soft Teacher starts from branch 2's weights when
-    that branch is trained too) and the segmenter."""
+    """The whole method, in :data:`TRAINING_ORDER`: the chosen branches (Soft Teacher starts
+    from branch 2's weights when that branch is trained too) and the segmenter."""
     unknown = [b for b in branches if b not in BRANCHES]
     if unknown:
         raise ValueError(f"unknown branch(es) {unknown}; known: {', '.join(BRANCHES)}")
     stages = []
-    for name in BRANCHES:
-        if name not in branches:
-            continue
-        init = (
-            SOFT_TEACHER_INIT if name == "soft_teacher_resnext101" and SOFT_TEACHER_INIT in branches else None
-        )
-        stages.append(Stage(name, name, "branch", init=init))
-    stages.append(Stage("segmenter", SEGMENTER, "segmenter"))
+    for name in TRAINING_ORDER:
+        if name == SEGMENTER:
+            stages.append(Stage("segmenter", SEGMENTER, "segmenter"))
+        elif name in branches:
+            teacher = name == "soft_teacher_resnext101" and SOFT_TEACHER_INIT in branches
+            stages.append(Stage(name, name, "branch", init=SOFT_TEACHER_INIT if teacher else None))
     return stages
 
 
