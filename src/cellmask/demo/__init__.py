@@ -1,0 +1,163 @@
+"""``cellmask demo``: the whole MDE-CellMask method on built-in synthetic data, on a CPU.
+
+What ``make demo`` runs::
+
+    cellmask demo [--out runs/demo] [--data data/demo] [--profile demo|smoke] [--quick]
+        [--branches NAME ...] [--workers N] [--reuse | --skip-train] [--real DIR]
+
+1. ``cellmask synth``: a synthetic dataset in the Kaggle layout under ``--data`` (256x352
+   images, so cells keep their native pixel size while images stay small), with
+   ``train_semi_supervised/`` images for Soft Teacher;
+2. trains the four detector branches (Faster R-CNN Swin-T, Cascade R-CNN ResNeXt-101 and
+   ResNeSt-101, Soft Teacher started from the Cascade ResNeXt run's weights) and the segmenter
+   (UperNet Swin-T on truth boxes), each with the ``--profile``'s numbers, two at a time with
+   one thread each (:mod:`cellmask.demo.training`);
+3. the ensemble (:class:`~cellmask.predict.Predictor`: every branch with flip TTA -> WBF ->
+   segmenter -> post-processing) on the held-out validation images, with every branch alone,
+   the ensemble without and with TTA and the post-processing variants beside it
+   (:func:`~cellmask.evaluate.evaluate_predictor`, ``ablation=True``);
+4. the same models on the 6 real annotated images of ``tests/fixtures/sartorius_real`` at their
+   native 520x704 (:mod:`cellmask.demo.real`): the sim-to-real figure;
+5. predicts the synthetic ``test/`` images into ``submissions/submission.csv`` (checked with
+   :func:`~cellmask.submission.check_submission`) with overlays, and prints the table (each row:
+   synthetic validation score overall and per class, real score) and the time of every stage.
+
+Files under ``--out``: one run directory per model, ``evaluate/`` (ablation.md/csv, plots,
+``val_submission.csv``), ``real/`` (the same for the real images), ``overlays/``,
+``overlay_val.png``, ``overlay_real.png``, ``summary.json``.
+
+``--quick`` shrinks the dataset and trains each model one epoch: it checks the plumbing
+(tests), not the score. ``make ablation`` (:mod:`cellmask.demo.ablation`) adds the Cascade Mask
+R-CNN baseline and LIVECell pretraining and writes ``benchmarks/ABLATION.md``.
+
+Budget: see the measured figures in ``README``/``benchmarks/ABLATION.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cellmask.config import PROFILES
+from cellmask.demo.core import SUMMARY_KEYS, run_demo
+from cellmask.demo.plan import BRANCHES, DATASETS, SEGMENTER, Stage, demo_stages
+from cellmask.demo.report import box_ap_per_class, save_comparison, write_truth_csv
+
+__all__ = [
+    "BRANCHES",
+    "DATASETS",
+    "SEGMENTER",
+    "SUMMARY_KEYS",
+    "Stage",
+    "add_demo_arguments",
+    "box_ap_per_class",
+    "cli_demo",
+    "demo_stages",
+    "run_demo",
+    "save_comparison",
+    "write_truth_csv",
+]
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``cellmask demo`` arguments."""
+    p.add_argument(
+        "--out", default="runs/demo", help="run directory: models, figures, scores (default runs/demo)"
+    )
+    p.add_argument(
+        "--data", default="data/demo", help="where the synthetic dataset is written (default data/demo)"
+    )
+    p.add_argument("--profile", choices=PROFILES, default="demo", help="config profile (default demo)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny dataset, one epoch per model: checks the plumbing, not the score",
+    )
+    p.add_argument(
+        "--branches",
+        nargs="+",
+        choices=BRANCHES,
+        default=list(BRANCHES),
+        metavar="NAME",
+        help=f"detector branches to train and ensemble (default all: {', '.join(BRANCHES)})",
+    )
+    p.add_argument(
+        "--submission",
+        default="submissions/submission.csv",
+        help="submission of the synthetic test images (default submissions/submission.csv)",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="trainings at a time, each with cpu_count/N threads (default 2 with two or more cores)",
+    )
+    p.add_argument(
+        "--no-synth", action="store_true", help="use the dataset already at --data (any Kaggle-layout root)"
+    )
+    train = p.add_mutually_exclusive_group()
+    train.add_argument(
+        "--skip-train", action="store_true", help="reuse the checkpoints already in --out (inference only)"
+    )
+    train.add_argument(
+        "--reuse",
+        action="store_true",
+        help="train only the runs whose saved config differs from today's (or are missing)",
+    )
+    p.add_argument(
+        "--real",
+        default=None,
+        metavar="DIR",
+        help="real annotated images (train.csv + train/); default the test fixtures",
+    )
+    p.add_argument(
+        "--predict-config", default=None, metavar="YAML", help="predict options (default the paper's)"
+    )
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="make ablation: add the Cascade Mask R-CNN baseline and LIVECell pretraining, write --ablation-md",
+    )
+    p.add_argument(
+        "--ablation-md",
+        default="benchmarks/ABLATION.md",
+        metavar="FILE",
+        help="the ablation's report (default benchmarks/ABLATION.md; figures in its folder's ablation/)",
+    )
+
+
+def cli_demo(args: argparse.Namespace) -> int:
+    """Handler of ``cellmask demo``; returns 0, or 1 when the test submission is invalid."""
+    if args.ablation:
+        from cellmask.demo.ablation import run_ablation
+
+        run_ablation(
+            out=args.out,
+            data=args.data,
+            profile=args.profile,
+            md=args.ablation_md,
+            device=args.device,
+            workers=args.workers,
+            reuse=True,
+            real=args.real,
+            quick=args.quick,
+            command="cellmask demo --ablation"
+            + (f" --profile {args.profile}" if args.profile != "demo" else ""),
+        )
+        return 0
+    summary = run_demo(
+        out=args.out,
+        data=args.data,
+        profile=args.profile,
+        quick=args.quick,
+        branches=args.branches,
+        submission=args.submission,
+        device=args.device,
+        synth=not args.no_synth,
+        train=not args.skip_train,
+        workers=args.workers,
+        reuse=args.reuse,
+        real=args.real,
+        predict_config=args.predict_config,
+    )
+    return 0 if summary["submission_ok"] else 1
