@@ -11,6 +11,8 @@ import torch
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BRANCH_CONFIGS = ("faster_rcnn_swin_t.yaml", "cascade_rcnn_resnext101.yaml", "cascade_rcnn_resnest101.yaml")
 SEGMENTER_CONFIG = "segmenter_upernet_swin_t.yaml"
+PERMISSIVE = ["predict.score_thresholds=0.0", "predict.min_area=4", "predict.vote_min_score=0.0"]
+"""Predict overrides that keep every detection (thresholds 0, tiny minimum area, every box votes)."""
 
 
 def run_config(name: str, weight: float | None = None, **data: Any) -> dict:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from _predict_helpers import (
     BRANCH_CONFIGS,
+    PERMISSIVE,
     SEGMENTER_CONFIG,
     BlobDetector,
     ContentSegmenter,
@@ -27,8 +28,6 @@ from cellmask.predict.pipeline import own_masks
 from cellmask.tune import tune_predictor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-PERMISSIVE = ["predict.score_thresholds=0.0", "predict.min_area=4", "predict.vote_min_score=0.0"]
 
 
 # ------------------------------------------------------------------------------ tune

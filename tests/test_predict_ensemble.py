@@ -13,6 +13,7 @@ import pytest
 import torch
 from _predict_helpers import (
     BRANCH_CONFIGS,
+    PERMISSIVE,
     SEGMENTER_CONFIG,
     block_network,
     branch_config,
@@ -39,8 +40,6 @@ from cellmask.predict import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-PERMISSIVE = ["predict.score_thresholds=0.0", "predict.min_area=4", "predict.vote_min_score=0.0"]
 
 
 @pytest.fixture(scope="module")
