@@ -397,3 +397,9 @@ def test_demo_scores_far_above_empty_and_random_submissions(tmp_path, capsys):
     empty = score_submission(truth, {}).score
     random = max(score_submission(truth, _random_submission(truth, seed)).score for seed in range(3))
     assert summary["score"] >= max(empty, random) + 0.1, (summary["score"], empty, random)
+    # every cell found once: at IoU 0.5 the validation submission is exact (one kept instance of
+    # the image's cells, a shifted paste or a lost mask would each break this)
+    from cellmask.submission import read_submission
+
+    pred = read_submission(out / "evaluate" / "val_submission.csv")
+    assert score_submission(truth, pred).per_threshold["0.50"] == 1.0, pred
