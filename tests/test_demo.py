@@ -294,6 +294,59 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "best.pt" in err and "no such checkpoint" in err
 
 
+def test_demo_livecell_pretrains_every_model_then_fine_tunes(tmp_path, capsys):
+    """``--livecell``: the paper's two stages. Each model is trained on the LIVECell images
+    first (eight cell types), then fine-tuned from those weights on the competition images
+    (its class layers re-initialised for three types); the segmenter is fine-tuned with its
+    fine-tuning config; the dataset gets LIVECell images; the ensemble is built from the
+    fine-tuned runs only."""
+    import yaml
+
+    from cellmask.cli import main
+    from cellmask.demo.plan import SEGMENTER_FINETUNE, check_stages, demo_stages
+
+    stages = demo_stages(livecell=True)
+    check_stages(stages)
+    by_name = {s.name: s for s in stages}
+    for branch in ("faster_rcnn_swin_t", "cascade_rcnn_resnext101", "cascade_rcnn_resnest101"):
+        assert by_name[f"livecell/{branch}"].dataset == "livecell"
+        assert by_name[branch].init == f"livecell/{branch}" and by_name[branch].dataset == "sartorius"
+    assert by_name["soft_teacher_resnext101"].init == "cascade_rcnn_resnext101"
+    assert (
+        by_name["segmenter"].config == SEGMENTER_FINETUNE
+        and by_name["segmenter"].init == "livecell/segmenter"
+    )
+    first_finetune = min(i for i, s in enumerate(stages) if s.role != "pretrain")
+    assert all(s.role == "pretrain" for s in stages[:first_finetune])  # pretraining starts first
+
+    out, data, sub = tmp_path / "runs", tmp_path / "data", tmp_path / "submission.csv"
+    argv = ["demo", "--profile", "smoke", "--quick", "--livecell", "--branches", "faster_rcnn_swin_t"]
+    argv += [
+        "--out",
+        str(out),
+        "--data",
+        str(data),
+        "--submission",
+        str(sub),
+        "--real",
+        str(tmp_path / "none"),
+    ]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert (data / "LIVECell_dataset_2021").is_dir()
+    for pretrained in ("livecell/faster_rcnn_swin_t", "livecell/segmenter"):
+        saved = yaml.safe_load((out / pretrained / "config.yaml").read_text())
+        assert saved["data"]["dataset"] == "livecell", pretrained
+    log = (out / "faster_rcnn_swin_t" / "train.log").read_text()
+    assert str(out / "livecell" / "faster_rcnn_swin_t" / "best.pt") in log
+    reinit = [line for line in log.splitlines() if " re-initialised" in line]
+    assert reinit and " 0 re-initialised" not in reinit[0]  # 8 LIVECell types -> 3 competition ones
+    assert str(out / "livecell" / "segmenter" / "best.pt") in (out / "segmenter" / "train.log").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [b["name"] for b in summary["branches"]] == ["Faster R-CNN Swin-T"]
+    assert summary["submission_ok"] is True
+
+
 # ------------------------------------------------------------------------------ the demo's promise
 
 OVERFIT = [  # the smoke models learn one image in about 60 steps with this recipe

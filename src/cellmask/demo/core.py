@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cellmask.demo.plan import (
+    ABLATION_LIVECELL,
     BRANCHES,
     DATASETS,
     QUICK_DATASET,
@@ -130,6 +131,7 @@ def run_demo(
     predict_config: str | Path | Mapping[str, Any] | None = None,
     config_dir: str | Path | None = None,
     progress: bool | None = None,
+    livecell: bool = False,
 ) -> dict[str, Any]:
     """Run the demo (:mod:`cellmask.demo`); returns the summary (keys :data:`SUMMARY_KEYS`).
 
@@ -137,6 +139,8 @@ def run_demo(
         branches: the detector branches to train and ensemble (config names, default all four).
         workers: trainings at a time (default two on a machine with two or more cores).
         reuse: keep a trained run whose saved config equals the one it would be trained with.
+        livecell: the paper's two stages, LIVECell pretraining first
+            (:func:`~cellmask.demo.plan.demo_stages`); the dataset gets LIVECell images.
         real: a folder of real annotated images (``train.csv`` + ``train/``; default the source
             tree's ``tests/fixtures/sartorius_real``), scored at native size.
         predict_config: a predict YAML or mapping (default: the paper's values).
@@ -169,7 +173,7 @@ def run_demo(
     out, data = Path(out), Path(data)
     config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
     layout = CompetitionLayout(data)
-    stages = demo_stages(branches)
+    stages = demo_stages(branches, livecell=livecell)
     configs = load_stage_configs(stages, profile, config_dir)
     branch_stages = sorted((s for s in stages if s.role == "branch"), key=lambda s: BRANCHES.index(s.name))
     first = configs[branch_stages[0].name]
@@ -179,7 +183,8 @@ def run_demo(
         spec = QUICK_DATASET if quick else DATASETS.get(profile, DATASETS["demo"])
         _banner(f"1/5 synthetic dataset -> {data}")
         t = time.perf_counter()
-        counts = write_demo_data(data, spec)
+        n_livecell = ABLATION_LIVECELL["smoke" if quick else profile] if livecell else None
+        counts = write_demo_data(data, spec, livecell=n_livecell)
         times["synth"] = time.perf_counter() - t
         print(
             f"wrote {counts['train']} annotated ({counts['instances']} instances), {counts['unlabeled']} unlabeled "

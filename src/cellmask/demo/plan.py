@@ -55,7 +55,8 @@ DATASETS: dict[str, dict[str, Any]] = {
 """``cellmask synth`` arguments per profile (``--quick`` uses :data:`QUICK_DATASET`)."""
 
 ABLATION_LIVECELL: dict[str, int] = {"demo": 60, "smoke": 8}
-"""Synthetic LIVECell images ``make ablation`` adds for its pretraining rows."""
+"""Synthetic LIVECell images ``make ablation`` and ``cellmask demo --livecell`` add for their
+pretraining stages."""
 
 QUICK_DATASET: dict[str, Any] = {"train": 8, "unlabeled": 2, "test": 2, "livecell": 0, "size": (128, 160)}
 QUICK_EPOCHS = 1
@@ -115,20 +116,36 @@ and Soft Teacher's start first, so the two workers finish close together (two wo
 then ResNeSt on one, ResNeXt, Soft Teacher and the segmenter on the other)."""
 
 
-def demo_stages(branches: Sequence[str] = BRANCHES) -> list[Stage]:
+def demo_stages(branches: Sequence[str] = BRANCHES, livecell: bool = False) -> list[Stage]:
     """The whole method, in :data:`TRAINING_ORDER`: the chosen branches (Soft Teacher starts
-    from branch 2's weights when that branch is trained too) and the segmenter."""
+    from branch 2's weights when that branch is trained too) and the segmenter.
+
+    With ``livecell`` the paper's two stages: every model but Soft Teacher is first trained on
+    the LIVECell images (stage ``livecell/<name>``, listed first so that they start first), then
+    fine-tuned from those weights on the competition images; the segmenter's fine-tuning uses
+    its fine-tuning config. Soft Teacher starts from branch 2's fine-tuned run as without.
+    """
     unknown = [b for b in branches if b not in BRANCHES]
     if unknown:
         raise ValueError(f"unknown branch(es) {unknown}; known: {', '.join(BRANCHES)}")
-    stages = []
+    pretrain, stages = [], []
     for name in TRAINING_ORDER:
         if name == SEGMENTER:
-            stages.append(Stage("segmenter", SEGMENTER, "segmenter"))
+            if livecell:
+                pretrain.append(Stage("livecell/segmenter", SEGMENTER, "pretrain", "livecell"))
+                stages.append(Stage("segmenter", SEGMENTER_FINETUNE, "segmenter", init="livecell/segmenter"))
+            else:
+                stages.append(Stage("segmenter", SEGMENTER, "segmenter"))
         elif name in branches:
-            teacher = name == "soft_teacher_resnext101" and SOFT_TEACHER_INIT in branches
-            stages.append(Stage(name, name, "branch", init=SOFT_TEACHER_INIT if teacher else None))
-    return stages
+            if name == "soft_teacher_resnext101":
+                teacher = SOFT_TEACHER_INIT in branches
+                stages.append(Stage(name, name, "branch", init=SOFT_TEACHER_INIT if teacher else None))
+            elif livecell:
+                pretrain.append(Stage(f"livecell/{name}", name, "pretrain", "livecell"))
+                stages.append(Stage(name, name, "branch", init=f"livecell/{name}"))
+            else:
+                stages.append(Stage(name, name, "branch"))
+    return pretrain + stages
 
 
 def ablation_stages() -> list[Stage]:
