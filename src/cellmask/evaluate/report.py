@@ -61,38 +61,51 @@ def format_ablation(results: Sequence[Any], n_images: int) -> str:
     return "\n".join(lines)
 
 
+def _row_colours(n: int) -> list:
+    """``n`` distinct colours: tab10's, or tab20's past ten rows (the ablation has up to 14), so
+    that no two legend entries share a colour."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def plot_ablation(results: Sequence[Any], out_dir: Path) -> list[Path]:
     """``ablation_per_class.png`` (grouped bars: rows x classes + overall) and
-    ``ablation_per_threshold.png`` (precision vs IoU threshold, one line per row)."""
+    ``ablation_per_threshold.png`` (precision vs IoU threshold, one line per row); one colour
+    per row, the legends beside the axes (not over the bars and lines)."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from cellmask.metric import plot_per_threshold
 
+    colours = _row_colours(len(results))
     groups = [*CLASSES, "overall"]
-    fig = Figure(figsize=(max(7, 1.6 * len(groups) + 0.4 * len(results)), 4.5), layout="constrained")
+    fig = Figure(figsize=(max(7, 1.6 * len(groups) + 0.4 * len(results)) + 3, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(results))
     x = np.arange(len(groups))
     for k, res in enumerate(results):
         values = [res.report.per_class.get(c, math.nan) for c in CLASSES] + [res.report.score]
-        ax.bar(x + (k - (len(results) - 1) / 2) * width, np.nan_to_num(values), width, label=res.row.name)
+        offset = (k - (len(results) - 1) / 2) * width
+        ax.bar(x + offset, np.nan_to_num(values), width, label=res.row.name, color=colours[k])
     ax.set_xticks(x, groups)
     ax.set_ylabel("competition score")
     ax.set_title("ablation: score per class")
-    ax.legend(fontsize=7, ncols=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     per_class = out_dir / "ablation_per_class.png"
     fig.savefig(per_class, dpi=100)
 
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    ax.set_prop_cycle(color=colours)
     for res in results:
         plot_per_threshold(res.report, ax=ax, label=f"{res.row.name}: {res.report.score:.3f}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("ablation: precision per IoU threshold")
     per_threshold = out_dir / "ablation_per_threshold.png"
     fig.savefig(per_threshold, dpi=100)
