@@ -220,6 +220,11 @@ def test_trained_runs_are_reused_only_when_config_data_and_epochs_match(tmp_path
     assert not _same_config(run, cfg, data, "sartorius", 1)  # trained 2 epochs, 1 asked for
     changed = load_config(CONFIGS / "faster_rcnn_swin_t.yaml", "smoke", ["train.lr=5e-4"])
     assert not _same_config(run, changed, data, "sartorius", None)
+    assert not _same_config(run, cfg, data, "sartorius", None, initialised=True)  # saved from scratch
+    saved["run"]["init"] = str(tmp_path / "livecell" / "best.pt")  # a fine-tuned run
+    (run / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(saved))))
+    assert _same_config(run, cfg, data, "sartorius", None, initialised=True)
+    assert not _same_config(run, cfg, data, "sartorius", None)
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -203,7 +203,9 @@ def run_training(
             "num_train": len(train_records),
             "num_val": len(val_records),
         }
-        cfg["run"] = {"out_dir": str(out_dir)}  # where parts may write figures (Soft Teacher's pseudo-boxes)
+        # where parts may write figures (Soft Teacher's pseudo-boxes); the start, so that a saved
+        # config tells a run from scratch from a fine-tuned one (cellmask demo --reuse)
+        cfg["run"] = {"out_dir": str(out_dir), "init": str(init) if init is not None else None}
         log.info(
             "%s: %d training and %d validation images, %d classes",
             dataset,

@@ -112,9 +112,19 @@ def _stage_init(
     return path
 
 
-def _same_config(run_dir: Path, cfg: Mapping[str, Any], data: Path, dataset: str, epochs: int | None) -> bool:
+def _same_config(
+    run_dir: Path,
+    cfg: Mapping[str, Any],
+    data: Path,
+    dataset: str,
+    epochs: int | None,
+    initialised: bool = False,
+) -> bool:
     """The run in ``run_dir`` is finished and was trained with ``cfg`` (``epochs`` applied) on
-    ``dataset`` under ``data``: its saved ``config.yaml`` says so."""
+    ``dataset`` under ``data``, from an ``--init`` checkpoint exactly when ``initialised``: its
+    saved ``config.yaml`` says so (``run.init``; a config saved without it counts as a run from
+    scratch). The last condition keeps a fine-tuned run (``cellmask demo --livecell``) from
+    standing in for a run from scratch of the same config, and the reverse."""
     import yaml
 
     from cellmask.config import to_plain
@@ -128,6 +138,8 @@ def _same_config(run_dir: Path, cfg: Mapping[str, Any], data: Path, dataset: str
         plain["train"] = {**plain["train"], "epochs": int(epochs)}
     where = saved.get("data") or {}
     if where.get("dataset") != dataset or Path(str(where.get("root"))).resolve() != Path(data).resolve():
+        return False
+    if bool((saved.get("run") or {}).get("init")) != initialised:
         return False
     return {k: v for k, v in saved.items() if k not in ("data", "run")} == {
         k: v for k, v in plain.items() if k not in ("data", "run")
@@ -230,7 +242,10 @@ def train_stages(
     pending = list(stages)
     for stage in list(pending):
         run_dir = out / stage.name
-        if reuse and _same_config(run_dir, configs[stage.name], Path(data), stage.dataset, epochs):
+        same = _same_config(
+            run_dir, configs[stage.name], Path(data), stage.dataset, epochs, stage.init is not None
+        )
+        if reuse and same:
             best, n = _best_of(run_dir)
             results[stage.name] = StageResult(stage, run_dir, 0.0, best, n, reused=True)
             pending.remove(stage)
