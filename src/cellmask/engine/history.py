@@ -74,8 +74,10 @@ def plot_metrics(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path
     epochs = [row["epoch"] for row in history]
     panels = metric_panels(_columns(history))
     fig = Figure(figsize=(5 * max(len(panels), 1), 4), layout="constrained")
+    first = None  # every panel spans the run's epochs, also one validated only at the end
     for i, (title, ks) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax = fig.add_subplot(1, len(panels), i + 1, sharex=first)
+        first = first or ax
         for k in ks:
             ax.plot(epochs, [row.get(k, float("nan")) for row in history], marker="o", ms=3, label=k)
         ax.set_title(title)
