@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cellmask-installed
-DATA   ?= data/synthetic
+# The competition data: ../shared/sartorius when it is there, else where `make data` puts it.
+DATA_DIR ?= data/sartorius
+DATA     ?= $(if $(wildcard ../shared/sartorius/train.csv),../shared/sartorius,$(DATA_DIR))
+SYNTH    ?= data/synthetic
 
-.PHONY: setup demo demo-livecell ablation test lint format bench synth clean \
+.PHONY: setup demo demo-real data demo-livecell ablation test test-numerics lint format bench synth clean \
 	notebooks-clean wheels weights code-dataset push-datasets push push-train pull-runs pull-evaluation submit
 
 setup: $(STAMP)
@@ -21,6 +24,19 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/cellmask demo
 
+# The same on the real competition images (DATA: a Kaggle-layout root, default ../shared/sartorius
+# when present): every branch, Soft Teacher (with DATA's train_semi_supervised/), the segmenter and
+# the Cascade Mask R-CNN baseline at native scale (profile cpu), thresholds tuned on the val fold,
+# everything scored on a held-out fold -> benchmarks/REAL.md (about an hour on 2 cores).
+demo-real: setup
+	@test -f "$(DATA)/train.csv" -a -d "$(DATA)/train" || { echo "make demo-real: no competition data at $(DATA) (looked for $(DATA)/train.csv and $(DATA)/train/); run make data, or pass DATA=DIR"; exit 2; }
+	$(BIN)/cellmask demo --data $(DATA) --profile cpu --out runs/demo_real --report benchmarks/REAL.md
+
+# Download and unpack the competition into DATA_DIR (default data/sartorius) with the kaggle CLI
+# (.venv/bin/pip install kaggle, and accept the competition's rules on kaggle.com first).
+data: setup
+	$(KAGGLE) download-data --dir $(DATA_DIR)
+
 # The same with the paper's two stages: every model but Soft Teacher pretrained on synthetic
 # LIVECell images, then fine-tuned (about 1.6x the time of `make demo`; runs in runs/demo_livecell).
 demo-livecell: setup
@@ -34,6 +50,16 @@ ablation: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The tests whose outcome rests on float kernels (trained models, autocast, interpolation: marked
+# `numerics`) again under torch's portable and AVX2 kernels, so a kernel-path difference between
+# CPUs shows here on any machine (CI runs it after `make test`).
+CAPABILITIES ?= default avx2
+test-numerics: setup
+	for cap in $(CAPABILITIES); do \
+		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -c "import torch; print(\"== kernels:\", torch.backends.cpu.get_cpu_capability())"; \
+		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q -m numerics -p no:cacheprovider || exit 1; \
+	done
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -46,7 +72,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_metric.py
 
 synth: setup
-	$(BIN)/cellmask synth $(DATA)
+	$(BIN)/cellmask synth $(SYNTH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info

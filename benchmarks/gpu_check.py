@@ -32,13 +32,14 @@ import csv
 import itertools
 import json
 import math
-import resource
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from cellmask.engine.memory import peak_memory_gb, reset_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "sartorius_real"
@@ -52,7 +53,6 @@ MODELS = [
     "segmenter_upernet_swin_t_finetune",
 ]
 BASELINE = "cascade_mask_rcnn_resnext101"
-GB = 1 << 30
 
 
 def kaggle_layout(out: Path) -> Path:
@@ -71,23 +71,6 @@ def kaggle_layout(out: Path) -> Path:
         writer.writerow(["id", "predicted"])
         writer.writerows([p.stem, ""] for p in sorted((out / "test").glob("*.png")))
     return out
-
-
-def peak_memory_gb(device: Any) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / GB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # Linux: kB
-
-
-def reset_peak(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def sync(device: Any) -> None:

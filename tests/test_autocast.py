@@ -21,7 +21,7 @@ from cellmask.models import build_detector
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOL_PX = 1e-3
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
 
 
 def decode64(deltas: torch.Tensor, boxes: torch.Tensor, weights) -> torch.Tensor:
@@ -37,9 +37,16 @@ def decode64(deltas: torch.Tensor, boxes: torch.Tensor, weights) -> torch.Tensor
 
 
 def assert_eval_under_autocast_close(model, images: list[torch.Tensor], min_confident: int) -> None:
-    """Eval-mode boxes under bfloat16 autocast are float32, and each confident float32 detection
-    has an autocast one at IoU > 0.9 (bfloat16 features move a box by a fraction of its size).
-    Used by the detectors' test modules on their trained models."""
+    """Eval-mode boxes under bfloat16 autocast are float32 and sit where the float32 ones do.
+    Used by the detectors' test modules on their trained models.
+
+    What holds on every CPU kernel path: bfloat16 features move a box by a hundredth of a pixel
+    (median over the confident boxes of each box's largest coordinate change: 0.013-0.023 px on
+    an AVX2 EPYC, the portable and AVX2 kernels alike), so the median stays under 0.08 px, and
+    most boxes (>= 75%) keep an autocast twin at IoU > 0.9. Not every box: a box near the score
+    cut or beside a neighbour can drop out under autocast on one machine and not on another (a
+    7th box at IoU 0.54 on an AVX-512 Xeon without native bf16). The box head's decoding in
+    bfloat16 (contract 9 broken) moves the median to 0.17 px: caught."""
     from torchvision.ops import box_iou
 
     with torch.no_grad():
@@ -50,8 +57,10 @@ def assert_eval_under_autocast_close(model, images: list[torch.Tensor], min_conf
         assert out["boxes"].dtype == torch.float32 and out["scores"].dtype == torch.float32
         confident = ref["boxes"][ref["scores"] > 0.5]
         assert len(confident) >= min_confident
-        best = box_iou(confident, out["boxes"]).max(dim=1).values
-        assert best.min() > 0.9, best
+        best, twin = box_iou(confident, out["boxes"]).max(dim=1)
+        moved = (confident - out["boxes"][twin]).abs().max(dim=1).values  # px, per box
+        assert (best > 0.9).float().mean() >= 0.75, best
+        assert moved.median() <= 0.08, moved
 
 
 def sample(with_masks: bool) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:

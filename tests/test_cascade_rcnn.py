@@ -377,6 +377,7 @@ def trained():
     return model, images, targets, history
 
 
+@pytest.mark.numerics
 def test_loss_falls_over_40_adamw_steps(trained):
     history = trained[3]
     assert set(history[0]) == {
@@ -391,6 +392,7 @@ def test_loss_falls_over_40_adamw_steps(trained):
     assert np.mean(classifier[35:40]) < 0.5 * classifier[0]
 
 
+@pytest.mark.numerics
 def test_overfit_detections_hit_the_gt_boxes(trained):
     model, images, targets, _ = trained
     with torch.no_grad():
@@ -407,6 +409,7 @@ def test_overfit_detections_hit_the_gt_boxes(trained):
         assert torch.all(out["scores"][:-1] >= out["scores"][1:])  # sorted by score
 
 
+@pytest.mark.numerics
 def test_eval_boxes_under_autocast_are_float32_and_close_to_float32_ones(trained):
     from test_autocast import assert_eval_under_autocast_close
 
@@ -490,6 +493,7 @@ def test_empty_images_train_and_predict():
 # ---------------------------------------------------------------------------------- mask head
 
 
+@pytest.mark.numerics
 def test_cascade_mask_rcnn_trains_a_mask_head_and_pastes_masks_at_original_size():
     torch.manual_seed(0)
     model = tiny_model(type="cascade_mask_rcnn", roi={"score_thresh": 0.0, "detections_per_img": 20})

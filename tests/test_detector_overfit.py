@@ -43,7 +43,7 @@ BARS = {
     "cascade_mask_rcnn_resnext101": (0.8, 0.7, 0.7, 0.65),
 }
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
 
 
 def _two_images(with_masks: bool) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:

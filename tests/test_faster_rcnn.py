@@ -236,6 +236,7 @@ def test_resnest_faster_rcnn_trains_at_batch_one():
     assert model.roi_heads.box_predictor.cls_score.weight.grad is not None
 
 
+@pytest.mark.numerics
 def test_training_loss_falls(trained):
     _, _, _, losses = trained
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
@@ -243,6 +244,7 @@ def test_training_loss_falls(trained):
     assert last < 0.5 * first, (first, last)
 
 
+@pytest.mark.numerics
 def test_overfit_top_detections_hit_the_truth(trained):
     model, images, targets, _ = trained
     with torch.no_grad():
@@ -256,6 +258,7 @@ def test_overfit_top_detections_hit_the_truth(trained):
         assert out["scores"][:n].min() > 0.5
 
 
+@pytest.mark.numerics
 def test_eval_boxes_are_in_original_image_coordinates(trained):
     model, images, targets, _ = trained
     # the same image at another size: detections scale with it (the transform resizes inside)
@@ -339,8 +342,37 @@ def test_checkpoints_of_torchvisions_faster_rcnn_load_unchanged():
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.numerics
 def test_eval_boxes_under_autocast_are_float32_and_close_to_float32_ones(trained):
     from test_autocast import assert_eval_under_autocast_close
 
     model, images, _, _ = trained
     assert_eval_under_autocast_close(model, images, min_confident=4)
+
+
+def test_fixed_scale_transform_keeps_native_pixels_whatever_the_size():
+    """model.transform.scale (the cpu profile's 1.0): a 256x256 training window and a whole
+    520x704 image both enter at native pixels (min/max sizes would blow the window up 2x), and
+    boxes come back to the original image exactly; another factor scales every size alike."""
+    from cellmask.models.backbones import nominal_input_size
+    from cellmask.models.transform import build_transform
+
+    model_cfg = config.load_config(CONFIGS / "faster_rcnn_swin_t.yaml", "cpu")["model"]
+    assert model_cfg["transform"]["scale"] == 1.0
+    t = build_transform(model_cfg).train()
+    boxes = torch.tensor([[10.0, 20.0, 40.0, 50.0]])
+    for h, w in ((256, 256), (520, 704)):
+        batch, targets = t(
+            [torch.rand(3, h, w)], [{"boxes": boxes.clone(), "labels": torch.ones(1, dtype=torch.int64)}]
+        )
+        assert batch.image_sizes == [(h, w)] and torch.equal(targets[0]["boxes"], boxes)
+    assert nominal_input_size(540, 720, 32, scale=1.0) == (544, 704)
+    half = build_transform({**model_cfg, "transform": {**model_cfg["transform"], "scale": 0.5}}).eval()
+    batch, _ = half([torch.rand(3, 520, 704)])
+    assert batch.image_sizes == [(260, 352)]
+    out = half.postprocess([{"boxes": boxes.clone()}], batch.image_sizes, [(520, 704)])
+    assert torch.allclose(out[0]["boxes"], boxes * 2)
+    legacy = {k: v for k, v in model_cfg["transform"].items() if k != "scale"}  # runs saved before it
+    assert build_transform({**model_cfg, "transform": legacy}).scale is None
+    with pytest.raises(ValueError, match="scale"):
+        build_transform({**model_cfg, "transform": {**model_cfg["transform"], "scale": 0}})

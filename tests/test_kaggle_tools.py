@@ -1,10 +1,12 @@
 """The pieces behind the notebooks and the Kaggle datasets: notebook cleaning and parameter
-injection, the weights dataset, the wheels list, the inference kernel's import check, and the
-notebooks' path and training-stage helpers."""
+injection, the weights dataset, the wheels list, the inference kernel's import check, the
+notebooks' path and training-stage helpers, and ``download-data`` (make data)."""
 
 from __future__ import annotations
 
 import json
+import sys
+import zipfile
 from pathlib import Path
 
 import nbformat
@@ -12,8 +14,9 @@ import pytest
 from nbformat import v4
 
 from cellmask.errors import DataError
-from cellmask.kaggle import imports, session, weights, wheels
+from cellmask.kaggle import api, imports, session, weights, wheels
 from cellmask.kaggle import notebooks as nbt
+from cellmask.kaggle.__main__ import main as kaggle_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -384,3 +387,69 @@ def test_stage_config_pretrains_soft_teacher_as_its_plain_detector(tmp_path):
     assert session.stage_config(paths, "faster_rcnn_swin_t", "livecell", "smoke") == load_config(
         ROOT / "configs" / "faster_rcnn_swin_t.yaml", profile="smoke"
     )
+
+
+# ------------------------------------------------------------------------------ download-data
+
+
+def test_download_data_dry_run_prints_the_download_and_the_unpacking(tmp_path, capsys):
+    target = tmp_path / "data" / "sartorius"
+    assert kaggle_main(["--dry-run", "download-data", "--dir", str(target)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"$ kaggle competitions download -c sartorius-cell-instance-segmentation -p {target}"
+    archive = target / "sartorius-cell-instance-segmentation.zip"
+    assert lines[1].endswith(f" -m zipfile -e {archive} {target}") and lines[2] == f"$ rm {archive}"
+    assert not target.exists()  # nothing ran
+
+
+FAKE_DOWNLOAD = """
+import sys, zipfile
+from pathlib import Path
+args = sys.argv[1:]
+assert args[:4] == ["competitions", "download", "-c", "sartorius-cell-instance-segmentation"], args
+out = Path(args[args.index("-p") + 1])
+with zipfile.ZipFile(out / "sartorius-cell-instance-segmentation.zip", "w") as zf:
+    zf.writestr("train.csv", "id,annotation")
+    zf.writestr("train/a.png", b"png")
+    zf.writestr("test/b.png", b"png")
+print("Downloading sartorius-cell-instance-segmentation.zip")
+"""
+
+
+def test_download_data_unpacks_the_zip_and_says_where(tmp_path, monkeypatch, capsys):
+    exe = tmp_path / "kaggle"
+    exe.write_text(f"#!{sys.executable}\n{FAKE_DOWNLOAD}")
+    exe.chmod(0o755)
+    monkeypatch.setattr(api, "find_kaggle_cli", lambda: str(exe))
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "secret")
+    target = tmp_path / "sartorius"
+    assert kaggle_main(["download-data", "--dir", str(target)]) == 0
+    assert (target / "train.csv").is_file() and (target / "train" / "a.png").is_file()
+    assert not (target / "sartorius-cell-instance-segmentation.zip").exists()  # unpacked, then deleted
+    out = capsys.readouterr().out
+    assert f"--data {target}" in out and "train/ (1 files)" in out
+    # a folder with the data is left alone
+    assert kaggle_main(["download-data", "--dir", str(target)]) == 0
+    assert "already holds the competition data" in capsys.readouterr().out
+
+
+def test_download_data_without_the_cli_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(api, "find_kaggle_cli", lambda: None)
+    assert kaggle_main(["download-data", "--dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "`kaggle` command is not installed" in err and ".venv/bin/pip install kaggle" in err
+
+
+def test_download_data_refuses_an_archive_without_the_layout(tmp_path):
+    from cellmask.errors import DataError
+    from cellmask.kaggle import data
+
+    archive = tmp_path / "x.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("other.txt", "x")
+    data.unpack(archive, tmp_path / "d")
+    assert data.missing(tmp_path / "d") == ["train.csv", "train"] and not archive.exists()
+    archive.write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a readable zip"):
+        data.unpack(archive, tmp_path / "d")

@@ -21,7 +21,7 @@ from cellmask.models.segmenter import PastedMasks
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
 
 
 @pytest.fixture(scope="module")

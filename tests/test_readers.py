@@ -248,3 +248,35 @@ def test_folds_on_real_records(real_records):
     assert by_fold[0] == by_fold[1] == ["astro", "cort", "shsy5y"]
     with pytest.raises(ValueError, match="cannot fill"):
         make_folds(real_records, n_folds=7)
+
+
+def test_three_way_split_is_disjoint_grouped_and_stratified():
+    """Train / val (tuning) / held-out (scored): no image and no sample on two sides, every cell
+    type in each scored fold, and the val/held-out sizes follow the fractions."""
+    from cellmask.data.folds import split_records
+
+    recs = _records({f"s{i}": (("shsy5y", "cort", "astro")[i % 3], 1 + i % 2) for i in range(120)})
+    train, val, holdout = split_records(recs, val_fraction=0.1, holdout_fraction=0.1, seed=0)
+    ids = [r.image_id for part in (train, val, holdout) for r in part]
+    assert len(ids) == len(set(ids)) == len(recs)  # every image once, on one side
+    sides = [{r.sample_id for r in part} for part in (train, val, holdout)]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    for part in (val, holdout):
+        assert 0.07 < len(part) / len(recs) < 0.13
+        assert {r.cell_type for r in part} == {"shsy5y", "cort", "astro"}
+    # no held-out fold: the two-way split exactly
+    assert split_records(recs, 0.05, 0.0, 0)[:2] == train_val_split(recs, 0.05, 0)
+    with pytest.raises(ValueError, match="whole number"):
+        split_records(recs, 0.1, 0.15)
+
+
+def test_competition_split_holds_images_out_of_training(real_root):
+    """`cellmask train` never sees the held-out fold: load_split's train and val miss it."""
+    from cellmask.train import competition_split, load_split
+
+    cfg = {"train": {"val_fraction": 0.1, "holdout_fraction": 0.1, "seed": 0}}
+    split = competition_split(cfg, real_root)  # 6 sample groups: raised to 1/6 each
+    assert len(split.val) == len(split.holdout) == 1 and len(split.train) == 4
+    train, val, _ = load_split(cfg, real_root, "sartorius")
+    held = {r.image_id for r in split.holdout}
+    assert held and not held & {r.image_id for r in train + val}

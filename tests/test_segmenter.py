@@ -68,6 +68,7 @@ def _round_trip_ious(records, jitter: bool) -> tuple[np.ndarray, np.ndarray, np.
     return np.concatenate(binary), np.concatenate(soft), np.concatenate(areas)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("jitter", [False, True], ids=["own_box", "enlarged_box"])
 def test_crop_then_paste_recovers_every_real_mask(real_records, jitter):
     """All 1167 real instances: crop at the box, threshold, paste back -> IoU >= 0.9 for every
@@ -253,6 +254,7 @@ def test_predict_is_batched_and_returns_masks_in_image_coordinates(smoke_model):
     assert none.shape == (0, h, w)
 
 
+@pytest.mark.numerics
 def test_predict_under_bf16_autocast_pastes_float32_probabilities(smoke_model):
     """Under an autocast the caller opened, the forward runs in bfloat16 but the probabilities
     come back as float32 and the paste works on them with float32 boxes: the masks equal the
@@ -331,6 +333,7 @@ def _mask_ious(masks: torch.Tensor, truth: np.ndarray) -> np.ndarray:
     return (inter / union.clamp(min=1)).numpy()
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_smoke_segmenter_overfits_and_predict_pastes_the_truth_masks(synthetic_root):
     """The smoke segmenter learns 3 synthetic images (46 cells; smoke crops: jitter, flips,

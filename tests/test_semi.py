@@ -195,3 +195,46 @@ def test_semi_data_config_defaults_and_errors():
     with pytest.raises(ValueError, match="semi.ratio"):
         semi_data_config({"ratio": [0, 1]})
     assert math.isclose(semi_data_config(None)["weak"]["hflip"], 0.5)
+
+
+def test_teacher_view_is_whole_so_border_cells_reach_the_student_as_pseudo_boxes(tmp_path: Path):
+    """A cell touching the image border: in every weak view the default config draws, the teacher
+    sees it whole (its pixels all land on the canvas) and its box maps onto the strong view as the
+    cell's own box there. At the old weak scale 1.2 the teacher lost up to 8% of each side, so
+    this cell was cut: a truncated pseudo-box, or none, while the strong view showed it."""
+    image = np.zeros((H, W), dtype=np.uint8)
+    image[2:14, 0:8] = 255  # a cell on the left border, near the top
+    folder = tmp_path / "train_semi_supervised"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "border.png"), image)
+    geometric_only = {"brightness_contrast": None, "gaussian_blur": None, "erase": None}
+    ds = TwoViewDataset(
+        load_unlabeled(tmp_path), strong={**geometric_only, "scale": [1.0, 1.0], "shift": 0.0}
+    )
+    torch.manual_seed(0)
+    for _ in range(30):
+        item = ds[0]
+        weak_m, strong_m = item["weak_matrix"].numpy(), item["strong_matrix"].numpy()
+        # the whole image lies on the teacher's canvas
+        corners = transform_boxes(torch.tensor([[0.0, 0.0, W, H]]), weak_m)[0].tolist()
+        assert (
+            corners[0] >= -1e-9 and corners[1] >= -1e-9 and corners[2] <= W + 1e-9 and corners[3] <= H + 1e-9
+        )
+        # the teacher's box of the cell, mapped to the strong view, is the cell's box there
+        weak_img = (item["weak"][0].numpy() * 255).round().astype(np.uint8)
+        (teacher_box,) = _boxes_in(weak_img)
+        mapped = transform_boxes(torch.tensor([teacher_box]), relative_matrix(weak_m, strong_m))[0].numpy()
+        expected = transform_boxes(torch.tensor([[0.0, 2.0, 8.0, 14.0]]), strong_m)[0].numpy()
+        np.testing.assert_allclose(mapped, expected, atol=2.0)  # the weak warp's pixel rounding
+    # the old zoom cuts it: the cell's box leaves the canvas at scale 1.2
+    zoomed = view_matrix(H, W, False, False, 1.2, (0.0, 0.0))
+    assert transform_boxes(torch.tensor([[0.0, 2.0, 8.0, 14.0]]), zoomed)[0, 0] < 0
+
+
+def test_weak_view_that_would_cut_the_image_is_a_clear_error():
+    for weak in ({"scale": [0.8, 1.2]}, {"scale": [1.0, 1.0], "shift": 0.05}, {"scale": 0.1}):
+        with pytest.raises(ValueError, match="teacher's view whole"):
+            semi_data_config({"weak": weak})
+    ok = semi_data_config({"weak": {"scale": [0.7, 0.9], "shift": 0.05}})  # (1 - 0.9) / 2 = 0.05
+    assert ok["weak"]["shift"] == 0.05
+    assert semi_data_config(None)["weak"]["scale"][1] <= 1.0

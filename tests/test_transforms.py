@@ -245,3 +245,43 @@ def test_apply_transforms_flip_and_empty(augment_only):
     # no instances
     out_image, out_masks, labels, boxes = apply_transforms(None, image, np.zeros((0, 24, 32), bool))
     assert out_masks.shape == (0, 24, 32) and labels.shape == (0,) and boxes.shape == (0, 4)
+
+
+def test_crop_is_a_native_window_with_exact_boxes(real_records, augment_only):
+    """augment.crop: a 256x256 window at native resolution (training only); pixels are the
+    image's own, and each cell's box is the tight box of its mask inside the window (cut cells
+    included), from the sampled pixels, never from an H x W stack of masks."""
+    from cellmask.data.datasets import DetectionDataset
+
+    record = max(real_records, key=len)  # the crowded shsy5y image
+    pipe = build_transforms(augment_only(crop=[256, 256]), train=True)
+    assert [type(op).__name__ for op in pipe.ops] == ["Crop"] and pipe.geometric
+    assert build_transforms(augment_only(crop=[256, 256]), train=False).ops == []  # whole images
+    ds = DetectionDataset([record], pipe, with_masks=True)
+    image = read_image(record.path, (record.height, record.width))
+    masks = record.masks() if hasattr(record, "masks") else None
+    for seed in range(3):
+        torch.manual_seed(seed)
+        plan = pipe.plan()
+        (fy, fx) = plan.steps[0][1]
+        top, left = int(fy * (record.height - 256 + 1)), int(fx * (record.width - 256 + 1))
+        torch.manual_seed(seed)
+        img, target = ds[0]
+        assert img.shape[-2:] == (256, 256)
+        window = image[top : top + 256, left : left + 256]
+        assert torch.equal((img[0] * 255).round().to(torch.uint8), torch.from_numpy(window))
+        got = target["masks"].numpy().astype(bool)
+        assert len(got) > 20  # a crowded window keeps many cells
+        for m, box in zip(got, target["boxes"].numpy(), strict=True):
+            yy, xx = np.nonzero(m)
+            assert list(box) == [xx.min(), yy.min(), xx.max() + 1, yy.max() + 1]
+        if masks is not None:  # every cut cell the dataset's size rules keep
+            cut = masks[:, top : top + 256, left : left + 256]
+            kept = 0
+            for m in cut[cut.reshape(len(cut), -1).any(1)]:
+                yy, xx = np.nonzero(m)
+                w, h = xx.max() + 1 - xx.min(), yy.max() + 1 - yy.min()
+                kept += int(min(w, h) >= ds.min_size and len(yy) >= max(ds.min_area, 1))
+            assert kept == len(got)
+    with pytest.raises(ValueError, match="augment.crop"):
+        build_transforms({"crop": [0, 10]}, train=True)

@@ -26,8 +26,9 @@ from typing import Any
 
 import yaml
 
-PROFILES: tuple[str, ...] = ("paper", "demo", "smoke")
-"""The profiles every shipped config knows (see DESIGN.md): ``paper`` applies no section."""
+PROFILES: tuple[str, ...] = ("paper", "demo", "cpu", "smoke")
+"""The profiles every shipped config knows (see DESIGN.md): ``paper`` applies no section; ``cpu``
+is real competition images at native scale on a CPU (``make demo-real``)."""
 
 BASE_KEY = "_base_"
 PROFILES_KEY = "profiles"

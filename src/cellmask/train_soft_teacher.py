@@ -32,6 +32,7 @@ SEMI_KEYS = (
     "unlabeled_dir",
     "ratio",
     "epoch_length",
+    "crop",
     "weak",
     "strong",
     "ema",
@@ -77,7 +78,7 @@ def soft_teacher_parts(
     augment = cfg.get("augment") or {}
     cache = bool(get(cfg, "train.image_cache", False))
     labeled_set = DetectionDataset(train_records, build_transforms(augment, train=True), image_cache=cache)
-    views = TwoViewDataset(unlabeled, data["weak"], data["strong"], image_cache=cache)
+    views = TwoViewDataset(unlabeled, data["weak"], data["strong"], image_cache=cache, crop=data["crop"])
     train_set = SemiDataset(labeled_set, views, data["ratio"], data["epoch_length"])
     train_loader = build_train_loader(train_set, cfg, collate_semi, info)
     log.info(

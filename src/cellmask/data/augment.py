@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["AffineParams", "Flip", "Op", "Resize", "ShiftScaleRotate"]
+__all__ = ["AffineParams", "Crop", "Flip", "Op", "Resize", "ShiftScaleRotate"]
 
 Size = tuple[int, int]
 
@@ -189,6 +189,54 @@ class Resize(Op):
 
     def boxes(self, boxes: torch.Tensor, size: Size, params: Size) -> torch.Tensor:
         return _map_boxes(boxes, *self._coords(size))
+
+
+class Crop(Op):
+    """A random ``(H, W)`` window at native resolution (every sample): training on crops keeps
+    cells at their pixel size while a step costs a fraction of the whole image. An image smaller
+    than the window along an axis keeps that whole axis.
+
+    The draw is a pair of fractions ``(fy, fx)`` in ``[0, 1)``; the window's top-left corner is
+    ``floor(f * (n - size + 1))`` along each axis of the image it meets, so one draw is exact on
+    the image, its masks and its boxes. Boxes of cells the window cuts are clipped to it (their
+    tight boxes come from the sampled pixels: :mod:`cellmask.data.sampling`).
+    """
+
+    geometric = True
+
+    def __init__(self, size: Size) -> None:
+        if len(size) != 2 or any(int(v) <= 0 for v in size):
+            raise ValueError(f"crop size must be (H, W) with positive sizes, got {size!r}")
+        self.size = (int(size[0]), int(size[1]))
+
+    def draw(self) -> tuple[float, float]:
+        return float(torch.rand(())), float(torch.rand(()))
+
+    def _window(self, size: Size, params: tuple[float, float]) -> tuple[int, int, int, int]:
+        """``(top, left, height, width)`` of the window on an image of ``size``."""
+        h, w = min(self.size[0], size[0]), min(self.size[1], size[1])
+        top = min(int(params[0] * (size[0] - h + 1)), size[0] - h)
+        left = min(int(params[1] * (size[1] - w + 1)), size[1] - w)
+        return top, left, h, w
+
+    def out_size(self, size: Size, params: tuple[float, float]) -> Size:
+        _, _, h, w = self._window(size, params)
+        return h, w
+
+    def image(self, image: torch.Tensor, params: tuple[float, float]) -> torch.Tensor:
+        top, left, h, w = self._window(tuple(image.shape[-2:]), params)
+        return image[..., top : top + h, left : left + w].contiguous()
+
+    def layers(self, layers: torch.Tensor, params: tuple[float, float]) -> torch.Tensor:
+        return self.image(layers, params)
+
+    def index_map(self, size: Size, params: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+        top, left, h, w = self._window(size, params)
+        return np.arange(top, top + h), np.arange(left, left + w)
+
+    def boxes(self, boxes: torch.Tensor, size: Size, params: tuple[float, float]) -> torch.Tensor:
+        top, left, h, w = self._window(size, params)
+        return _map_boxes(boxes, _source_coords(h, 1.0, -top), _source_coords(w, 1.0, -left))
 
 
 class AffineParams(NamedTuple):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -63,17 +64,56 @@ def make_folds(records: Sequence[ImageRecord], n_folds: int = 5, seed: int = 0) 
     return folds
 
 
+class Split(NamedTuple):
+    """Records of one split: ``train`` (fitted), ``val`` (training's validation: best epoch,
+    threshold tuning) and ``holdout`` (scored only: no model and no threshold sees it)."""
+
+    train: list[ImageRecord]
+    val: list[ImageRecord]
+    holdout: list[ImageRecord]
+
+
+def split_records(
+    records: Sequence[ImageRecord], val_fraction: float, holdout_fraction: float = 0.0, seed: int = 0
+) -> Split:
+    """Train / validation / held-out records, grouped by sample and stratified by cell type.
+
+    :func:`make_folds` with ``n = round(1 / val_fraction)`` folds: fold 0 is the validation set,
+    the next ``round(holdout_fraction * n)`` folds the held-out set, the rest training. No image
+    (and no sample group) is on two sides.
+
+    Raises:
+        ValueError: a fraction outside its range, a ``holdout_fraction`` that is not a whole
+            number of folds (e.g. 0.1 with ``val_fraction`` 0.1 is one fold; 0.15 is not), or
+            fewer sample groups than folds.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n_folds = max(2, round(1 / val_fraction))
+    n_holdout = holdout_fraction * n_folds
+    if holdout_fraction < 0 or abs(n_holdout - round(n_holdout)) > 1e-6 or round(n_holdout) > n_folds - 2:
+        raise ValueError(
+            f"holdout_fraction must be a whole number of the {n_folds} folds of val_fraction "
+            f"{val_fraction} (0, {1 / n_folds:g}, {2 / n_folds:g}, ...) leaving one to train on, "
+            f"got {holdout_fraction}"
+        )
+    n_holdout = round(n_holdout)
+    if n_holdout and n_folds < 3:
+        raise ValueError(f"val_fraction {val_fraction} leaves no fold to train on beside a held-out one")
+    folds = make_folds(records, n_folds=n_folds, seed=seed)
+    train = [r for r, f in zip(records, folds, strict=True) if f > n_holdout]
+    val = [r for r, f in zip(records, folds, strict=True) if f == 0]
+    holdout = [r for r, f in zip(records, folds, strict=True) if 0 < f <= n_holdout]
+    return Split(train, val, holdout)
+
+
 def train_val_split(
     records: Sequence[ImageRecord], val_fraction: float = 0.05, seed: int = 0
 ) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """Split into train and validation records (the paper uses 95/5), grouped and stratified.
 
-    Uses :func:`make_folds` with ``round(1 / val_fraction)`` folds and takes fold 0 as validation.
+    Uses :func:`make_folds` with ``round(1 / val_fraction)`` folds and takes fold 0 as validation
+    (:func:`split_records` without a held-out set).
     """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    n_folds = max(2, round(1 / val_fraction))
-    folds = make_folds(records, n_folds=n_folds, seed=seed)
-    train = [r for r, f in zip(records, folds, strict=True) if f != 0]
-    val = [r for r, f in zip(records, folds, strict=True) if f == 0]
-    return train, val
+    split = split_records(records, val_fraction, 0.0, seed)
+    return split.train, split.val

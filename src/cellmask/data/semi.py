@@ -4,7 +4,11 @@ Views
 -----
 Each unlabeled image gives two views built from the *original* image:
 
-- a **weak** view for the teacher: flips and a scale about the image centre;
+- a **weak** view for the teacher: flips and a scale (<= 1) about the image centre. The
+  teacher's view is whole: the image shrinks inside its canvas, never zooms past it, because a
+  cell the teacher cannot see is a negative at full weight for the student wherever the strong
+  view shows it, and a cell the canvas cuts becomes a truncated pseudo-box
+  (:func:`semi_data_config` rejects a weak view that would cut the image);
 - a **strong** view for the student: flips, scale jitter and a shift (a crop or a pad of the
   scaled content), then brightness/contrast, Gaussian blur (the ``cellmask.data.transforms``
   ops, same keys as ``augment:``) and cutout (1-5 square patches filled with ``fill``).
@@ -31,7 +35,9 @@ Config (``semi:`` section; keys and defaults in :data:`DEFAULT_SEMI_DATA`)::
       unlabeled_dir: null       # default <data root>/train_semi_supervised/ (relative: to the root)
       ratio: [1, 1]             # labeled : unlabeled images per group (paper 1:1)
       epoch_length: null        # groups per epoch (null: one pass over the longer stream)
-      weak: {hflip: 0.5, vflip: 0.5, scale: [0.8, 1.2], shift: 0.0, fill: 0}
+      crop: null                # [H, W]: both views of an unlabeled image come from one random
+                                # window of it at native resolution (as augment.crop for labeled)
+      weak: {hflip: 0.5, vflip: 0.5, scale: [0.8, 1.0], shift: 0.0, fill: 0}   # whole image
       strong:
         hflip: 0.5
         vflip: 0.5
@@ -60,6 +66,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from cellmask.config import deep_merge
+from cellmask.data.augment import Crop
 from cellmask.data.datasets import UnlabeledDataset, image_to_tensor
 from cellmask.data.records import ImageRecord
 from cellmask.data.transforms import build_transforms
@@ -85,7 +92,8 @@ DEFAULT_SEMI_DATA: dict[str, Any] = {
     "unlabeled_dir": None,
     "ratio": [1, 1],
     "epoch_length": None,
-    "weak": {"hflip": 0.5, "vflip": 0.5, "scale": [0.8, 1.2], "shift": 0.0, "fill": 0},
+    "crop": None,
+    "weak": {"hflip": 0.5, "vflip": 0.5, "scale": [0.8, 1.0], "shift": 0.0, "fill": 0},
     "strong": {
         "hflip": 0.5,
         "vflip": 0.5,
@@ -104,8 +112,9 @@ def semi_data_config(semi_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     """The data keys of a ``semi:`` section merged over :data:`DEFAULT_SEMI_DATA` (others dropped).
 
     Raises:
-        ValueError: an unknown key inside ``weak``/``strong``/``erase``, or a ratio that is not
-            two integers >= 1.
+        ValueError: an unknown key inside ``weak``/``strong``/``erase``, a weak view that does
+            not keep the whole image on its canvas (largest scale ``s`` and shift ``d`` must
+            satisfy ``(1 - s) / 2 >= d``), or a ratio that is not two integers >= 1.
     """
     given = {k: v for k, v in (semi_cfg or {}).items() if k in DEFAULT_SEMI_DATA}
     cfg = deep_merge(DEFAULT_SEMI_DATA, given)
@@ -116,6 +125,14 @@ def semi_data_config(semi_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
         unknown = sorted(set(cfg[view]) - known)
         if unknown:
             raise ValueError(f"semi.{view}: unknown key(s) {unknown}; expected {sorted(known)}")
+    lo, hi = _scale_range(cfg["weak"].get("scale"))
+    shift = float(cfg["weak"].get("shift") or 0.0)
+    if (1.0 - hi) / 2.0 < shift - 1e-12:
+        raise ValueError(
+            f"semi.weak must keep the teacher's view whole (scale <= 1 and shift <= (1 - scale) / 2), "
+            f"got scale [{lo}, {hi}] and shift {shift}: the teacher would miss cells at the borders "
+            "that the strong view shows"
+        )
     erase = cfg["strong"].get("erase") or {}
     unknown = sorted(set(erase) - {"p", "count", "size"})
     if unknown:
@@ -224,15 +241,21 @@ def _uniform(lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand(()))
 
 
+def _scale_range(value: Any) -> tuple[float, float]:
+    """A view's ``scale``: ``[lo, hi]``, a scalar ``r`` (``[1 - r, 1 + r]``) or null (1)."""
+    if value is None:
+        return 1.0, 1.0
+    if np.isscalar(value):
+        return 1.0 - float(value), 1.0 + float(value)
+    return float(value[0]), float(value[1])
+
+
 def sample_view(view_cfg: Mapping[str, Any], height: int, width: int) -> np.ndarray:
     """Draw a view matrix from a ``weak``/``strong`` section (torch RNG): flips with their
     probabilities, scale from ``[lo, hi]``, shift from ``[-shift, shift] x (W, H)``."""
     hflip = float(torch.rand(())) < float(view_cfg.get("hflip") or 0.0)
     vflip = float(torch.rand(())) < float(view_cfg.get("vflip") or 0.0)
-    scale_range = view_cfg.get("scale") or [1.0, 1.0]
-    if np.isscalar(scale_range):
-        scale_range = [1.0 - float(scale_range), 1.0 + float(scale_range)]
-    scale = _uniform(float(scale_range[0]), float(scale_range[1]))
+    scale = _uniform(*_scale_range(view_cfg.get("scale")))
     shift = float(view_cfg.get("shift") or 0.0)
     dx = _uniform(-shift, shift) * width
     dy = _uniform(-shift, shift) * height
@@ -296,13 +319,16 @@ class TwoViewDataset(UnlabeledDataset):
 
     Items: ``{"weak": float32 [3, H, W], "strong": float32 [3, H, W], "weak_matrix": float64
     [3, 3], "strong_matrix": float64 [3, 3], "index": int}`` (images in ``0..1``, as the
-    detectors take them; matrices map original pixel edges to each view's).
+    detectors take them; matrices map original pixel edges to each view's). With ``crop`` the
+    original is a random ``crop`` window of the image (``H x W`` then its size), drawn once for
+    both views.
 
     Args:
         records: unlabeled records (:func:`load_unlabeled`).
         weak, strong: the ``semi.weak`` / ``semi.strong`` sections (merged over the defaults
             by :func:`semi_data_config`).
         image_cache: keep decoded images in memory (per process).
+        crop: ``(H, W)`` of the window (``semi.crop``), or ``None`` for whole images.
     """
 
     def __init__(
@@ -311,8 +337,10 @@ class TwoViewDataset(UnlabeledDataset):
         weak: Mapping[str, Any] | None = None,
         strong: Mapping[str, Any] | None = None,
         image_cache: bool = False,
+        crop: Sequence[int] | None = None,
     ) -> None:
         super().__init__(records, transforms=None, image_cache=image_cache)
+        self.crop = None if crop is None else Crop((int(crop[0]), int(crop[1])))
         defaults = semi_data_config({"weak": weak or {}, "strong": strong or {}})
         self.weak = defaults["weak"]
         self.strong = defaults["strong"]
@@ -328,6 +356,8 @@ class TwoViewDataset(UnlabeledDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
         image = self.source.read(index)
+        if self.crop is not None:  # one window: both views (and their matrices) are of it
+            image = self.crop.image(torch.from_numpy(image)[None], self.crop.draw())[0].numpy()
         height, width = image.shape[:2]
         weak_m = sample_view(self.weak, height, width)
         strong_m = sample_view(self.strong, height, width)

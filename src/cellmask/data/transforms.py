@@ -33,14 +33,16 @@ nested mapping only overrides the fields it names; ``null``/``false``/``0`` swit
         p: 0.2
         kernel: [3, 7]
       resize: null                # [H, W]: resize every image (train and eval) to this size
+      crop: null                  # [H, W]: a random window of this size at native resolution
+                                  # (training only; inference sees whole images)
 
 The two blurs are alternatives: one uniform draw picks the Gaussian with probability
 ``gaussian_blur.p``, the median with ``median_blur.p``, else neither (the two must add up to at
 most 1). The authors' ``OneOf([GaussianBlur(blur_limit=7), MedianBlur(blur_limit=7)], p=0.4)``
 is therefore exactly ``p: 0.2`` each; two keys keep a profile able to switch one off alone.
 
-Order: resize, flips, shift-scale-rotate, brightness/contrast, blur. Training uses all of them;
-evaluation (``train=False``) only ``resize`` (an empty pipeline when no size is configured).
+Order: resize, crop, flips, shift-scale-rotate, brightness/contrast, blur. Training uses all of
+them; evaluation (``train=False``) only ``resize`` (an empty pipeline when no size is configured).
 :func:`apply_transforms` wraps all of this for callers that hold a plain ``[N, H, W]`` mask
 stack. The label-layer helpers live in :mod:`cellmask.data.layers` (re-exported here).
 """
@@ -56,7 +58,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from cellmask.data.augment import Flip, Op, Resize, ShiftScaleRotate
+from cellmask.data.augment import Crop, Flip, Op, Resize, ShiftScaleRotate
 from cellmask.data.layers import layers_from_indices, layers_to_boxes, layers_to_masks, masks_to_layers
 from cellmask.data.photometric import Blur, BlurChoice, BrightnessContrast
 
@@ -87,6 +89,7 @@ DEFAULT_AUGMENT: dict[str, Any] = {
     "gaussian_blur": {"p": 0.2, "kernel": [3, 7], "sigma": 0},
     "median_blur": {"p": 0.2, "kernel": [3, 7]},
     "resize": None,
+    "crop": None,
 }
 """The authors' augmentations (see ``configs/base.yaml``, which states the same values with their
 sources); the defaults of :func:`build_transforms`."""
@@ -249,6 +252,15 @@ def _resize_size(cfg: Mapping[str, Any]) -> list[int] | None:
     return [int(size[0]), int(size[1])]
 
 
+def _crop_size(cfg: Mapping[str, Any]) -> tuple[int, int] | None:
+    size = cfg.get("crop", DEFAULT_AUGMENT["crop"])
+    if size is None or size is False:
+        return None
+    if not isinstance(size, Sequence) or len(size) != 2 or any(int(s) <= 0 for s in size):
+        raise ValueError(f"augment.crop must be null or [H, W] with positive sizes, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
 def _kernels(key: str, value: Any) -> tuple[int, ...]:
     """``k`` -> ``(k,)``; ``[lo, hi]`` -> the odd sizes ``lo, lo + 2, ..., hi``."""
     bounds = [value, value] if np.isscalar(value) else list(value)
@@ -305,6 +317,9 @@ def build_transforms(augment_cfg: Mapping[str, Any] | None, train: bool) -> Pipe
         ops.append(Resize((size[0], size[1])))
     if not train:
         return Pipeline(ops)
+    crop = _crop_size(cfg)
+    if crop is not None:
+        ops.append(Crop(crop))
     for key, axis in (("hflip", "horizontal"), ("vflip", "vertical")):
         p = _probability(cfg, key)
         if p > 0:

@@ -1,9 +1,20 @@
-"""``cellmask demo``: the whole MDE-CellMask method on built-in synthetic data, on a CPU.
+"""``cellmask demo``: the whole MDE-CellMask method on a CPU, on built-in synthetic data or on
+the real competition images.
 
-What ``make demo`` runs::
+What ``make demo`` (synthetic) and ``make demo-real`` (a Kaggle-layout root) run::
 
-    cellmask demo [--out runs/demo] [--data data/demo] [--profile demo|smoke] [--quick]
+    cellmask demo [--out runs/demo] [--data data/demo] [--profile demo|cpu|smoke] [--quick]
         [--branches NAME ...] [--workers N] [--reuse | --skip-train] [--real DIR] [--livecell]
+        [--baseline | --no-baseline] [--set KEY=VALUE ...] [--report FILE]
+
+    cellmask demo --data ../shared/sartorius --profile cpu --out runs/demo_real --report benchmarks/REAL.md
+
+``--data`` is the data source (:mod:`cellmask.demo.source`): a folder holding the competition's
+``train.csv`` and ``train/`` is read as it is (profile ``cpu`` by default: native scale, 256x256
+training windows; the Cascade Mask R-CNN baseline is trained too; images are split into train /
+val / held-out folds, thresholds are tuned on the val fold and every figure is measured on the
+held-out one; ``--report`` writes ``benchmarks/REAL.md``); anything else gets a synthetic
+dataset written there, and the steps below run on it. The steps are the same for both sources.
 
 1. ``cellmask synth``: a synthetic dataset in the Kaggle layout under ``--data`` (256x352
    images, so cells keep their native pixel size while images stay small), with
@@ -40,6 +51,7 @@ Budget: see the measured figures in ``README``/``benchmarks/ABLATION.md``.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from cellmask.config import PROFILES
 from cellmask.demo.core import SUMMARY_KEYS, run_demo
@@ -70,7 +82,10 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         help="run directory: models, figures, scores (default runs/demo, runs/demo_livecell with --livecell)",
     )
     p.add_argument(
-        "--data", default="data/demo", help="where the synthetic dataset is written (default data/demo)"
+        "--data",
+        default="data/demo",
+        help="a Kaggle-layout root with train.csv + train/ (the real competition data: read as it is, "
+        "profile cpu), or where the synthetic dataset is written (default data/demo)",
     )
     p.add_argument(
         "--livecell",
@@ -78,7 +93,12 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         help="the paper's two stages: pretrain every model but Soft Teacher on synthetic LIVECell "
         "images first, then fine-tune (about 1.5x the time)",
     )
-    p.add_argument("--profile", choices=PROFILES, default="demo", help="config profile (default demo)")
+    p.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default=None,
+        help="config profile (default cpu for a competition root, demo for synthetic data)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -105,7 +125,29 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         help="trainings at a time, each with cpu_count/N threads (default 2 with two or more cores)",
     )
     p.add_argument(
-        "--no-synth", action="store_true", help="use the dataset already at --data (any Kaggle-layout root)"
+        "--no-synth",
+        action="store_true",
+        help="use the dataset already at --data (any Kaggle-layout root), even one cellmask synth wrote",
+    )
+    p.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train and score the Cascade Mask R-CNN baseline too (default: on a competition root)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value of every run (repeatable), e.g. --set train.max_hours=0.2",
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="FILE",
+        help="write the markdown report (make demo-real: benchmarks/REAL.md; figures in its folder's real/)",
     )
     train = p.add_mutually_exclusive_group()
     train.add_argument(
@@ -141,7 +183,16 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 def cli_demo(args: argparse.Namespace) -> int:
     """Handler of ``cellmask demo``; returns 0, or 1 when the test submission is invalid."""
     if args.out is None:
-        args.out = "runs/demo_livecell" if args.livecell and not args.ablation else "runs/demo"
+        from cellmask.demo.source import resolve_source
+
+        root = not args.ablation and not resolve_source(args.data, False if args.no_synth else None).synthetic
+        args.out = (
+            "runs/demo_livecell"
+            if args.livecell and not args.ablation
+            else "runs/demo_real"
+            if root
+            else "runs/demo"
+        )
     if args.ablation and args.livecell:
         raise SystemExit("cellmask demo: --ablation trains its own LIVECell rows; drop --livecell")
     if args.ablation:
@@ -150,7 +201,7 @@ def cli_demo(args: argparse.Namespace) -> int:
         run_ablation(
             out=args.out,
             data=args.data,
-            profile=args.profile,
+            profile=args.profile or "demo",
             md=args.ablation_md,
             device=args.device,
             workers=args.workers,
@@ -158,7 +209,7 @@ def cli_demo(args: argparse.Namespace) -> int:
             real=args.real,
             quick=args.quick,
             command="cellmask demo --ablation"
-            + (f" --profile {args.profile}" if args.profile != "demo" else ""),
+            + (f" --profile {args.profile}" if args.profile not in (None, "demo") else ""),
         )
         return 0
     summary = run_demo(
@@ -169,12 +220,16 @@ def cli_demo(args: argparse.Namespace) -> int:
         branches=args.branches,
         submission=args.submission,
         device=args.device,
-        synth=not args.no_synth,
+        synth=False if args.no_synth else None,
         train=not args.skip_train,
         workers=args.workers,
         reuse=args.reuse,
         real=args.real,
         predict_config=args.predict_config,
         livecell=args.livecell,
+        baseline=args.baseline,
+        report=args.report,
+        overrides=args.overrides,
+        command=" ".join(["cellmask", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "cellmask demo",
     )
     return 0 if summary["submission_ok"] else 1

@@ -1,5 +1,6 @@
-"""``run_demo``: synthetic data -> every branch + the segmenter -> the ensemble, scored and
-submitted (the steps are in :mod:`cellmask.demo`'s docstring)."""
+"""``run_demo``: data (synthetic, or a competition root) -> every branch + the segmenter (+ the
+baseline) -> the ensemble, scored and submitted: the steps of :mod:`cellmask.demo.steps` in
+order, then the summary (the steps are in :mod:`cellmask.demo`'s docstring)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cellmask.demo.plan import (
-    ABLATION_LIVECELL,
-    BRANCHES,
-    DATASETS,
-    QUICK_DATASET,
-    QUICK_EPOCHS,
-    Stage,
-    default_config_dir,
-    demo_stages,
+from cellmask.demo.plan import BRANCHES, Stage, default_config_dir
+from cellmask.demo.steps import (
+    DemoContext,
+    Scored,
+    data_step,
+    fixture_step,
+    precision_recall,
+    scored_step,
+    split_step,
+    stages_for,
+    submission_step,
+    train_step,
+    write_demo_data,
 )
-from cellmask.demo.training import StageResult, default_workers, train_stages
+from cellmask.demo.training import StageResult
 
 __all__ = ["SUMMARY_KEYS", "load_stage_configs", "run_demo", "write_demo_data"]
 
@@ -31,12 +36,18 @@ log = logging.getLogger("cellmask.demo")
 SUMMARY_KEYS = (
     "profile",
     "data",
+    "source",
+    "notes",
+    "split",
     "n_train",
     "n_val",
+    "n_holdout",
+    "n_scored",
     "n_test",
     "n_real",
     "synthetic",
     "branches",
+    "runs",
     "segmenter",
     "segmenter_mIoU",
     "score",
@@ -44,62 +55,34 @@ SUMMARY_KEYS = (
     "score_per_threshold",
     "best_branch",
     "best_branch_score",
+    "baseline_score",
+    "tuned",
+    "precision_recall",
     "ablation",
     "real_score",
     "real_per_class",
     "submission",
     "submission_ok",
+    "submission_problems",
     "figures",
     "time_s",
 )
 """Keys of ``summary.json``."""
 
 
-def _banner(text: str) -> None:
-    print(f"\n== {text}", flush=True)
-
-
-def load_stage_configs(stages: Sequence[Stage], profile: str, config_dir: Path) -> dict[str, dict[str, Any]]:
-    """``{stage name: resolved config}`` (the stage's file, ``profile``, its overrides)."""
+def load_stage_configs(
+    stages: Sequence[Stage], profile: str, config_dir: Path, overrides: Sequence[str] = ()
+) -> dict[str, dict[str, Any]]:
+    """``{stage name: resolved config}`` (the stage's file, ``profile``, ``overrides`` for every
+    stage (``--set``), then the stage's own)."""
     from cellmask.config import load_config
 
     return {
         s.name: load_config(
-            config_dir / f"{s.config}.yaml", profile=profile, overrides=list(s.overrides) or None
+            config_dir / f"{s.config}.yaml", profile=profile, overrides=[*overrides, *s.overrides] or None
         )
         for s in stages
     }
-
-
-def write_demo_data(data: Path, spec: Mapping[str, Any], livecell: int | None = None) -> dict[str, int]:
-    """``cellmask synth`` with the demo's counts (``livecell``: override the LIVECell count;
-    the competition images do not depend on it)."""
-    from cellmask.data.synthetic import write_dataset
-
-    return write_dataset(
-        data,
-        n_train=spec["train"],
-        n_unlabeled=spec["unlabeled"],
-        n_test=spec["test"],
-        n_livecell=spec["livecell"] if livecell is None else livecell,
-        size=tuple(spec["size"]),
-    )
-
-
-def _existing_runs(stages: Sequence[Stage], out: Path) -> dict[str, StageResult]:
-    """The runs of ``stages`` already in ``out`` (``--skip-train``); a missing checkpoint is one
-    clear error naming it."""
-    from cellmask.engine.history import read_rows_csv
-
-    results = {}
-    for s in stages:
-        ckpt = out / s.name / "best.pt"
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"{ckpt}: no such checkpoint (train first, or drop --skip-train)")
-        results[s.name] = StageResult(
-            s, out / s.name, 0.0, None, len(read_rows_csv(out / s.name / "metrics.csv")), True
-        )
-    return results
 
 
 def _best_row(run_dir: Path, column: str) -> float | None:
@@ -118,12 +101,12 @@ def _best_row(run_dir: Path, column: str) -> float | None:
 def run_demo(
     out: str | Path = "runs/demo",
     data: str | Path = "data/demo",
-    profile: str = "demo",
+    profile: str | None = None,
     quick: bool = False,
     branches: Sequence[str] = BRANCHES,
     submission: str | Path = "submissions/submission.csv",
     device: str = "cpu",
-    synth: bool = True,
+    synth: bool | None = True,
     train: bool = True,
     workers: int | None = None,
     reuse: bool = False,
@@ -132,200 +115,208 @@ def run_demo(
     config_dir: str | Path | None = None,
     progress: bool | None = None,
     livecell: bool = False,
+    baseline: bool | None = None,
+    report: str | Path | None = None,
+    command: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run the demo (:mod:`cellmask.demo`); returns the summary (keys :data:`SUMMARY_KEYS`).
 
+    One flow for both data sources (:func:`~cellmask.demo.source.resolve_source`): a synthetic
+    dataset written to ``data``, or a Kaggle-layout root read as it is (the real competition
+    images). With a held-out fold (``train.holdout_fraction``, the ``cpu`` profile's 10%) the
+    table is scored on it, and a row with thresholds tuned on the val fold joins the paper's;
+    without one (the synthetic profiles) on the val fold.
+
     Args:
-        branches: the detector branches to train and ensemble (config names, default all four).
+        profile: config profile (default ``cpu`` for a root, ``demo`` for synthetic data).
+        synth: ``True`` write a synthetic dataset to ``data``; ``False`` read ``data`` as it
+            is; ``None`` decide (:func:`~cellmask.demo.source.resolve_source`).
+        branches: the detector branches to train and ensemble (config names, default all four;
+            Soft Teacher only where the root has unlabeled images).
         workers: trainings at a time (default two on a machine with two or more cores).
         reuse: keep a trained run whose saved config equals the one it would be trained with.
         livecell: the paper's two stages, LIVECell pretraining first
             (:func:`~cellmask.demo.plan.demo_stages`); the dataset gets LIVECell images.
         real: a folder of real annotated images (``train.csv`` + ``train/``; default the source
-            tree's ``tests/fixtures/sartorius_real``), scored at native size.
+            tree's ``tests/fixtures/sartorius_real``), scored at native size; only with a
+            synthetic source (a root's own held-out fold is the real figure there).
         predict_config: a predict YAML or mapping (default: the paper's values).
+        baseline: train and score the Cascade Mask R-CNN baseline too (default: with a root).
+        report: write the markdown report there (``benchmarks/REAL.md`` for ``make demo-real``).
+        command: the command line the report names.
+        overrides: ``KEY.PATH=VALUE`` for every run's config (``--set``), e.g.
+            ``train.max_hours=0.1`` (a wall-clock budget per run).
         progress: tqdm bars (``None``: when stderr is a terminal).
 
     Raises:
         FileNotFoundError: ``train=False`` and a checkpoint is missing (the message names it).
+        DataError: a root to read without ``train.csv`` or ``train/`` (the message names them).
     """
-    from cellmask.data.sartorius import list_images
-    from cellmask.demo.real import real_records, score_real
-    from cellmask.demo.report import (
-        clean_json,
-        format_demo_table,
-        format_summary,
-        one_per_class,
-        save_comparison,
-        table_rows,
-        write_truth_csv,
-    )
-    from cellmask.evaluate import evaluate_predictor
-    from cellmask.models.segmenter import evaluate_segmenter
-    from cellmask.paths import CompetitionLayout
-    from cellmask.predict import Predictor, predict_folder
-    from cellmask.predict.runs import model_name
-    from cellmask.train import load_split
+    from cellmask.demo.source import resolve_source
+    from cellmask.predict import Predictor
 
     t_start = time.perf_counter()
-    progress = sys.stderr.isatty() if progress is None else progress
-    times: dict[str, float] = {}
-    out, data = Path(out), Path(data)
+    source = resolve_source(data, synth, livecell)
+    profile = profile or ("demo" if source.synthetic else "cpu")
+    baseline = (not source.synthetic) if baseline is None else baseline
+    stages = stages_for(source, branches, livecell, baseline)
     config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
-    layout = CompetitionLayout(data)
-    stages = demo_stages(branches, livecell=livecell)
-    configs = load_stage_configs(stages, profile, config_dir)
-    branch_stages = sorted((s for s in stages if s.role == "branch"), key=lambda s: BRANCHES.index(s.name))
-    first = configs[branch_stages[0].name]
-
-    # 1. data
-    if synth:
-        spec = QUICK_DATASET if quick else DATASETS.get(profile, DATASETS["demo"])
-        _banner(f"1/5 synthetic dataset -> {data}")
-        t = time.perf_counter()
-        n_livecell = ABLATION_LIVECELL["smoke" if quick else profile] if livecell else None
-        counts = write_demo_data(data, spec, livecell=n_livecell)
-        times["synth"] = time.perf_counter() - t
-        print(
-            f"wrote {counts['train']} annotated ({counts['instances']} instances), {counts['unlabeled']} unlabeled "
-            f"and {counts['test']} test images of {spec['size'][0]}x{spec['size'][1]} in {times['synth']:.1f} s"
-        )
-    train_records, val_records, _ = load_split(first, data, "sartorius")
-
-    # 2. training
-    if train:
-        workers = default_workers() if workers is None else int(workers)
-        _banner(
-            f"2/5 training {len(stages)} models (profile {profile}, {workers} at a time) -> {out}: "
-            + ", ".join(model_name(configs[s.name]) for s in stages)
-        )
-        t = time.perf_counter()
-        results = train_stages(
-            stages,
-            configs,
-            data,
-            out,
-            workers=workers,
-            epochs=QUICK_EPOCHS if quick else None,
-            device=device,
-            reuse=reuse,
-            progress=progress,
-        )
-        times["training"] = time.perf_counter() - t
-    else:
-        results = _existing_runs(stages, out)
-    seg_dir = out / "segmenter"
+    ctx = DemoContext(
+        out=Path(out),
+        source=source,
+        profile=profile,
+        stages=stages,
+        configs=load_stage_configs(stages, profile, config_dir, overrides),
+        device=device,
+        progress=sys.stderr.isatty() if progress is None else progress,
+        quick=quick,
+    )
+    data_step(ctx, livecell)
+    split = split_step(ctx)
+    results = train_step(ctx, train, workers, reuse)
     predictor = Predictor.from_runs(
-        [out / s.name for s in branch_stages], seg_dir, config=predict_config, device=device
-    )
+        [ctx.out / s.name for s in ctx.branch_stages], ctx.out / "segmenter", config=predict_config,
+        device=device, cache=ctx.out / "evaluate" / "cache" if split.holdout else None,
+    )  # fmt: skip
+    scored = scored_step(ctx, predictor, split, baseline)
+    fixtures, fixture_result = fixture_step(ctx, predictor, real)
+    n_test, pred = submission_step(ctx, predictor, submission)
+    ctx.times["total"] = time.perf_counter() - t_start
+    summary, table = build_summary(ctx, split, results, scored, fixtures, fixture_result, n_test, pred)
+    from cellmask.demo.report import clean_json, format_summary
 
-    # 3. the ensemble on the validation images: every branch alone vs the ensemble (ablation)
-    _banner(f"3/5 the ensemble and each branch on {len(val_records)} validation images (competition metric)")
-    t = time.perf_counter()
-    val = evaluate_predictor(
-        predictor, val_records, out / "evaluate", ablation=True, split="val", progress=progress
-    )
-    truth_csv = write_truth_csv(layout.train_csv, [r.image_id for r in val_records], out / "val_truth.csv")
-    miou = evaluate_segmenter(predictor.segmenter, val_records, predictor.device)
-    times["evaluate"] = time.perf_counter() - t
-    print(f"(re-score: cellmask score --truth {truth_csv} --pred {val.files['submission']})")
+    (ctx.out / "summary.json").write_text(json.dumps(clean_json(summary), indent=2, default=str) + "\n")
+    print(format_summary(summary, table))
+    if report is not None:
+        from cellmask.demo.real_report import write_real_report
 
-    # 4. the real annotated images at native size
-    records = real_records(real)
-    if quick:
-        records = records[:2]
-    real_result = None
-    if records:
-        _banner(
-            f"4/5 the same models on {len(records)} real annotated images at {records[0].height}x{records[0].width}"
-        )
-        t = time.perf_counter()
-        real_result = score_real(predictor, records, out / "real", progress=progress)
-        times["real"] = time.perf_counter() - t
-    else:
-        _banner("4/5 no real annotated images found (tests/fixtures/sartorius_real): skipped")
+        path = write_real_report(report, summary, ctx.out, command=command or "cellmask demo")
+        print(f"report     {path}")
+    return summary
 
-    # 5. the synthetic test images -> the submission
-    _banner(f"5/5 submission for {layout.test_dir}")
-    t = time.perf_counter()
-    test_records = list_images(layout.test_dir)
-    pred = predict_folder(
-        layout.test_dir, predictor=predictor, out=submission, overlays=out / "overlays", progress=progress
-    )
-    print(pred.summary())
-    times["test"] = time.perf_counter() - t
 
-    main = next(r for r in val.rows if r.row.configured)
-    figures = [out / s.name / "metrics.png" for s in stages]
+def _figures(ctx: DemoContext, scored: Scored, fixtures: Sequence[Any], fixture_result: Any) -> list[Path]:
+    """Training curves, truth-vs-prediction overlays (one image per cell type), the ablation plots."""
+    from cellmask.demo.report import one_per_class, save_comparison
+
+    main = next(r for r in scored.result.rows if r.row.configured)
+    figures = [ctx.out / s.name / "metrics.png" for s in ctx.stages]
     figures.append(
         save_comparison(
-            out / "overlay_val.png", one_per_class(val_records), main.predictions, main.report.per_image
+            ctx.out / f"overlay_{scored.name}.png",
+            one_per_class(scored.records),
+            main.predictions,
+            main.report.per_image,
         )
     )
-    if real_result is not None:
-        real_main = next(r for r in real_result.rows if r.row.configured)
+    if fixture_result is not None:
+        fixture_main = next(r for r in fixture_result.rows if r.row.configured)
         figures.append(
             save_comparison(
-                out / "overlay_real.png",
-                one_per_class(records),
-                real_main.predictions,
-                real_main.report.per_image,
+                ctx.out / "overlay_real.png",
+                one_per_class(fixtures),
+                fixture_main.predictions,
+                fixture_main.report.per_image,
             )
         )
     figures += [
         p
-        for k, p in val.files.items()
+        for k, p in scored.result.files.items()
         if k in ("per_threshold", "ablation_per_class", "ablation_per_threshold")
     ]
+    return [f for f in figures if Path(f).is_file()]
 
-    singles = [r for r in val.rows if r.row.branches is not None and len(r.row.branches) == 1]
+
+def build_summary(
+    ctx: DemoContext,
+    split: Any,
+    results: Mapping[str, StageResult],
+    scored: Scored,
+    fixtures: Sequence[Any],
+    fixture_result: Any,
+    n_test: int,
+    pred: Any,
+) -> tuple[dict[str, Any], str]:
+    """``(summary.json's content (keys SUMMARY_KEYS; NaN where a figure is missing), the printed
+    table)``."""
+    from cellmask.demo.report import format_demo_table, table_rows
+    from cellmask.predict.runs import model_name
+
+    rows_all = scored.result.rows
+    main = next(r for r in rows_all if r.row.configured)
+    singles = [r for r in rows_all if r.row.branches is not None and len(r.row.branches) == 1]
     best_single = max(singles, key=lambda r: r.report.score) if singles else main
-    rows = table_rows(val.rows, real_result.rows if real_result else ())
-    table = format_demo_table(rows, len(val_records), len(records))
-    times["total"] = time.perf_counter() - t_start
+    base_row = next((r for r in rows_all if r.row.baseline), None)
+    fixture_main = next(r for r in fixture_result.rows if r.row.configured) if fixture_result else None
+    rows = table_rows(rows_all, fixture_result.rows if fixture_result else ())
+    label = "holdout" if split.holdout else "synthetic val" if ctx.source.synthetic else "val"
+    table = format_demo_table(rows, len(scored.records), len(fixtures), label)
+    tuned = scored.tuned
     summary = {
-        "profile": profile + (" (quick)" if quick else ""),
-        "data": str(data),
-        "n_train": len(train_records),
-        "n_val": len(val_records),
-        "n_test": len(test_records),
-        "n_real": len(records),
-        "synthetic": synth,
+        "profile": ctx.profile + (" (quick)" if ctx.quick else ""),
+        "data": str(ctx.data),
+        "source": ctx.source.kind,
+        "notes": list(ctx.source.notes),
+        "split": scored.name,
+        "n_train": len(split.train),
+        "n_val": len(split.val),
+        "n_holdout": len(split.holdout),
+        "n_scored": len(scored.records),
+        "n_test": n_test,
+        "n_real": len(fixtures),
+        "synthetic": ctx.source.synthetic,
         "branches": [
             {
-                "name": model_name(configs[s.name]),
-                "run": str(out / s.name),
+                "name": model_name(ctx.configs[s.name]),
+                "run": str(ctx.out / s.name),
                 "seconds": round(results[s.name].seconds, 1),
                 "epochs": results[s.name].epochs,
                 "init": s.init,
-                "box_AP50": _best_row(out / s.name, "val_AP50"),
+                "box_AP50": _best_row(ctx.out / s.name, "val_AP50"),
             }
-            for s in branch_stages
+            for s in ctx.branch_stages
         ],
-        "segmenter": model_name(configs["segmenter"]),
-        "segmenter_mIoU": miou["mIoU"],
+        "runs": {
+            s.name: {
+                "seconds": round(results[s.name].seconds, 1),
+                "epochs": results[s.name].epochs,
+                "reused": results[s.name].reused,
+                "best": results[s.name].best,
+            }
+            for s in ctx.stages
+        },
+        "segmenter": model_name(ctx.configs["segmenter"]),
+        "segmenter_mIoU": scored.miou,
         "score": main.report.score,
         "score_per_class": main.report.per_class,
         "score_per_threshold": main.report.per_threshold,
         "best_branch": best_single.row.name,
         "best_branch_score": best_single.report.score,
+        "baseline_score": base_row.report.score if base_row else math.nan,
+        "tuned": None
+        if tuned is None
+        else {"thresholds": tuned.best, "val_score": tuned.score, "val_default": tuned.default_score},
+        "precision_recall": {
+            r.row.name: precision_recall(scored.records, r.predictions)
+            for r in rows_all
+            if r.row.configured or r.row.baseline or r.row == scored.tuned_row
+        },
         "ablation": rows,
-        "real_score": real_main.report.score if real_result else math.nan,
-        "real_per_class": real_main.report.per_class if real_result else {},
-        "submission": str(pred.submission),
-        "submission_ok": pred.ok,
-        "submission_problems": pred.problems,
-        "figures": [str(f) for f in figures if Path(f).is_file()],
+        "real_score": fixture_main.report.score if fixture_main else math.nan,
+        "real_per_class": fixture_main.report.per_class if fixture_main else {},
+        "submission": str(pred.submission) if pred else None,
+        "submission_ok": pred.ok if pred else True,
+        "submission_problems": pred.problems if pred else [],
+        "figures": [str(f) for f in _figures(ctx, scored, fixtures, fixture_result)],
         "time_s": {
-            **{k: round(v, 1) for k, v in times.items() if k != "total"},
+            **{k: round(v, 1) for k, v in ctx.times.items() if k != "total"},
             **{
                 f"train {s.name}": round(results[s.name].seconds, 1)
-                for s in stages
+                for s in ctx.stages
                 if not results[s.name].reused
             },
-            "total": round(times["total"], 1),
+            "total": round(ctx.times["total"], 1),
         },
     }
-    (out / "summary.json").write_text(json.dumps(clean_json(summary), indent=2) + "\n")
-    print(format_summary(summary, table))
-    return summary
+    return summary, table

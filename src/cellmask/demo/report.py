@@ -105,11 +105,13 @@ def _num(value: float) -> str:
     return "  -  " if value is None or math.isnan(value) else f"{value:.3f}"
 
 
-def format_demo_table(rows: Sequence[Mapping[str, Any]], n_val: int, n_real: int) -> str:
-    """The printed table: each row's synthetic validation score (overall, per class) beside its
-    score on the real images (``*``: the pipeline as configured)."""
+def format_demo_table(
+    rows: Sequence[Mapping[str, Any]], n_val: int, n_real: int, scored: str = "synthetic val"
+) -> str:
+    """The printed table: each row's score on the scored images (``scored``: their name; overall,
+    per class) beside its score on the real fixture images (``*``: the pipeline as configured)."""
     width = max(len(r["row"]) for r in rows) + 2
-    head = f"{'':{width}}  {'synthetic val, ' + str(n_val) + ' images':^34}  {'real, ' + str(n_real) + ' images':^14}"
+    head = f"{'':{width}}  {scored + ', ' + str(n_val) + ' images':^34}  {'real, ' + str(n_real) + ' images':^14}"
     cols = f"{'row':{width}}  {'score':>6} " + " ".join(f"{c:>8}" for c in CLASSES) + f"  {'score':>6}"
     lines = [head, cols, "-" * len(cols)]
     for r in rows:
@@ -187,19 +189,37 @@ def format_summary(summary: Mapping[str, Any], table: str) -> str:
         for b in summary["branches"]
     )
     real = summary.get("real_score")
+    held = summary.get("n_holdout", 0)
+    scored = "held-out" if held else ("synthetic val" if summary["synthetic"] else "val")
     lines = [
         "",
         f"== cellmask demo summary (profile {summary['profile']})",
         f"data       {summary['data']}: {summary['n_train']} train / {summary['n_val']} val / "
-        f"{summary['n_test']} test images" + (" (synthetic)" if summary["synthetic"] else ""),
+        + (f"{held} held-out / " if held else "")
+        + f"{summary['n_test']} test images"
+        + (" (synthetic)" if summary["synthetic"] else ""),
+        *(f"note       {n}" for n in summary.get("notes", ())),
         f"branches   {branches}",
         f"segmenter  {summary['segmenter']}: val mIoU on truth boxes {summary['segmenter_mIoU']:.3f}",
         "",
         table,
         "",
-        f"ensemble   synthetic val score {summary['score']:.3f} ({_fmt_class_scores(summary['score_per_class'])}); "
-        f"best single branch {summary['best_branch_score']:.3f} ({summary['best_branch']})",
+        f"ensemble   {scored} score {summary['score']:.3f} ({_fmt_class_scores(summary['score_per_class'])}); "
+        f"best single branch {summary['best_branch_score']:.3f} ({summary['best_branch']})"
+        + (
+            f"; baseline {summary['baseline_score']:.3f}"
+            if not math.isnan(summary.get("baseline_score", math.nan))
+            else ""
+        ),
     ]
+    tuned = summary.get("tuned")
+    if tuned:
+        best = tuned["thresholds"]
+        lines.append(
+            "tuned      on the val fold: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in best["score_thresholds"].items())
+            + f", mask {best['mask_threshold']:.2f} (val {tuned['val_default']:.3f} -> {tuned['val_score']:.3f})"
+        )
     if real is not None and not math.isnan(real):
         lines.append(
             f"real       {summary['n_real']} real annotated images at 520x704: score {real:.3f} "
@@ -207,7 +227,9 @@ def format_summary(summary: Mapping[str, Any], table: str) -> str:
             "minutes on synthetic data only"
         )
     lines += [
-        f"submission {summary['submission']}: {summary['n_test']} test images, {sub}",
+        f"submission {summary['submission']}: {summary['n_test']} test images, {sub}"
+        if summary.get("submission")
+        else "submission none (no test images)",
         f"figures    {', '.join(summary['figures'])}",
         f"time       {t['total'] / 60:.1f} min ({parts})",
     ]

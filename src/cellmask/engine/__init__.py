@@ -30,12 +30,19 @@ Run directory written by :func:`fit` (rank 0 only)::
                             state (as the authors' ``save_optimizer=False``): a full ResNeXt-101
                             checkpoint is ~1 GB, x36 epochs would not fit Kaggle's disk.
     out_dir/best.pt         the same for the best epoch by ``train.monitor``
-    out_dir/metrics.csv     one row per epoch (means over every rank's steps, validation);
+    out_dir/metrics.csv     one row per epoch (means over every rank's steps, validation); an
+                            epoch cut by ``train.max_hours`` has ``stopped=max_hours`` and
+                            ``iters`` (the iterations it ran), empty on other rows;
                             out_dir/metrics.png plots it (losses, statistics, validation, lr)
     out_dir/steps.csv       one row per iteration and rank: every value the step returned
 
 Checkpoints hold only tensors and plain containers, and every load uses
 ``torch.load(..., weights_only=True)``.
+
+Wall-clock budget: ``train.max_hours`` (from the start of each :func:`fit` call; null or 0: none)
+ends training after the iteration that passes it: the cut epoch is validated and saved as any
+epoch, ``fit`` returns ``stopped="max_hours"``, and ``resume=True`` continues with the next
+epoch (:mod:`~cellmask.engine.runner`).
 
 Determinism: :func:`fit` seeds every RNG at the start of a fresh run; the train loader's order
 depends on ``(seed, epoch)`` and each item's augmentation on ``(seed, epoch, index)`` only (not
@@ -84,7 +91,14 @@ from cellmask.engine.loaders import (
     move_to_device,
     set_loader_epoch,
 )
-from cellmask.engine.loop import NonFiniteGuard, TrainStep, bare_model, epoch_means, train_one_epoch
+from cellmask.engine.loop import (
+    NonFiniteGuard,
+    TrainStep,
+    WallClockBudget,
+    bare_model,
+    epoch_means,
+    train_one_epoch,
+)
 from cellmask.engine.optim import NO_DECAY_KEYS, build_optimizer, build_scheduler, lr_factor
 from cellmask.engine.rng import item_seed, rng_state, seed_everything, set_rng_state
 from cellmask.engine.runner import Run, ValFn, fit
@@ -102,6 +116,7 @@ __all__ = [
     "SeededDataset",
     "TrainStep",
     "ValFn",
+    "WallClockBudget",
     "append_rows_csv",
     "bare_model",
     "barrier",

@@ -33,11 +33,15 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "monitor": "val_AP",
     "monitor_mode": "max",
     "max_nonfinite": 10,
+    "max_hours": None,
     "progress": None,
     "find_unused_parameters": False,
 }
 """What :func:`train_config` fills in for keys a config's ``train`` section lacks.
 
+``max_hours``: wall-clock budget of one :func:`~cellmask.engine.runner.fit` call, in hours
+(``null`` or 0: none): training stops after the step that passes it, with ``last.pt`` written
+(:class:`~cellmask.engine.loop.WallClockBudget`).
 ``prefetch_factor``: batches each loader worker prepares ahead (used when ``num_workers > 0``).
 ``image_cache``: the training datasets ``cellmask train`` builds keep decoded images in memory;
 the loader's workers persist across epochs, so each worker's cache does too (one 520x704 uint8

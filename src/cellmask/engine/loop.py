@@ -1,5 +1,5 @@
 """One training epoch: forward, backward, clip, step, schedule, with the non-finite guard, the
-``on_optimizer_step`` hook and a per-step log.
+``on_optimizer_step`` hook, a per-step log and the wall-clock budget (``train.max_hours``).
 
 A training step returns a dict (contract 1): keys starting with ``loss`` are summed into the
 total loss (which is backpropagated); any other key is a statistic (a float or a 0-d tensor)
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import sys
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -78,6 +80,54 @@ class NonFiniteGuard:
             )
 
 
+class WallClockBudget:
+    """``train.max_hours`` as a deadline counted from construction (the start of a ``fit``).
+
+    :meth:`passed` is a collective under DDP: every rank calls it after the same step and gets
+    the same answer (true once any rank's clock is past the budget), so all ranks stop together.
+
+    Raises:
+        ValueError: ``max_hours`` is not a positive number (``None`` or 0 mean no budget in a
+            config: :meth:`from_config` returns ``None`` for them).
+    """
+
+    def __init__(self, max_hours: float, start: float | None = None) -> None:
+        self.max_hours = _check_max_hours(max_hours)
+        if self.max_hours == 0:
+            raise ValueError("a WallClockBudget needs max_hours > 0 (0 or None: no budget, no object)")
+        self.seconds = self.max_hours * 3600.0
+        self.start = time.monotonic() if start is None else float(start)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> WallClockBudget | None:
+        """The budget of ``cfg``'s ``train.max_hours``; ``None`` when it is null or 0."""
+        hours = _check_max_hours(train_config(cfg).get("max_hours"))
+        return cls(hours) if hours else None
+
+    def elapsed(self) -> float:
+        """Seconds since the start."""
+        return time.monotonic() - self.start
+
+    def passed(self, info: DistInfo | None = None) -> bool:
+        """Whether the budget is spent (on any rank: call it on every rank under DDP)."""
+        over = self.elapsed() >= self.seconds
+        if info is not None and info.distributed:
+            flag = torch.tensor([1.0 if over else 0.0], device=info.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            over = bool(flag.item() > 0)
+        return over
+
+
+def _check_max_hours(value: Any) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"train.max_hours must be a number of hours (null or 0: no budget), got {value!r}")
+    if value < 0:
+        raise ValueError(f"train.max_hours must be >= 0 hours (null or 0: no budget), got {value!r}")
+    return float(value)
+
+
 def fmt(values: Mapping[str, float]) -> str:
     """``k=v, ...`` with 4 significant digits (log lines)."""
     return ", ".join(f"{k}={v:.4g}" for k, v in values.items())
@@ -142,6 +192,7 @@ def train_one_epoch(
     info: DistInfo | None = None,
     start_iteration: int = 0,
     steps: list[dict[str, Any]] | None = None,
+    budget: WallClockBudget | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``: forward, backward, clip, step, hook, schedule (per iteration).
 
@@ -160,6 +211,8 @@ def train_one_epoch(
         steps: if given, one row per iteration is appended: ``epoch`` (1-based), ``iteration``
             (the run's, 0-based), ``rank``, ``skipped`` (0/1), ``lr``, then every value of the
             step's dict and the total ``loss``.
+        budget: checked after every iteration (on every rank, jointly); once it has passed, the
+            epoch ends there (``stopped`` is 1 in the result).
 
     After every optimizer step actually taken (not skipped by the guard, nor by the AMP scaler
     after an overflow) the bare model's ``on_optimizer_step(iteration)`` is called if it has one
@@ -167,7 +220,8 @@ def train_one_epoch(
 
     Returns:
         the mean of every value (:func:`epoch_means`, this rank's steps), plus
-        ``skipped_steps``, ``iters`` and the ``lr`` the last step used.
+        ``skipped_steps``, ``iters``, the ``lr`` the last step used and ``stopped`` (1.0 when
+        ``budget`` ended the epoch, else 0.0).
     """
     from tqdm.auto import tqdm
 
@@ -186,6 +240,7 @@ def train_one_epoch(
     step.train()
     rows: list[dict[str, Any]] = []
     skipped_before, iters, last_lr, loss_sum, taken_steps = guard.skipped, 0, 0.0, 0.0, 0
+    stopped = False
     bar = tqdm(
         loader,
         desc=f"epoch {epoch + 1}/{tcfg['epochs']}",
@@ -238,6 +293,9 @@ def train_one_epoch(
         if finite:
             loss_sum, taken_steps = loss_sum + values["loss"], taken_steps + 1
             bar.set_postfix(loss=f"{loss_sum / taken_steps:.4f}", refresh=False)
+        if budget is not None and budget.passed(info):
+            stopped = True
+            break
     bar.close()
 
     if steps is not None:
@@ -246,4 +304,5 @@ def train_one_epoch(
     stats["skipped_steps"] = float(guard.skipped - skipped_before)
     stats["iters"] = float(iters)
     stats["lr"] = last_lr if iters else float(optimizer.param_groups[0]["lr"])
+    stats["stopped"] = 1.0 if stopped else 0.0
     return stats

@@ -1,5 +1,17 @@
 """:func:`fit`: a whole training run as named steps over a :class:`Run`: start (or restore),
-train one epoch, validate, record, save."""
+train one epoch, validate, record, save; and stop early when the wall-clock budget
+``train.max_hours`` is spent.
+
+The budget: counted from the start of each :func:`fit` call (a resumed run gets a fresh one) and
+checked after every iteration (jointly by every rank under DDP:
+:meth:`~cellmask.engine.loop.WallClockBudget.passed`). The iteration that passes it is the last:
+the cut epoch is closed as any epoch (its row gets ``stopped="max_hours"`` and ``iters``, the
+iterations it ran; validated whatever ``train.val_every`` says, so ``best.pt`` exists;
+``steps.csv``, ``last.pt``, ``epoch_XXX.pt``, ``metrics.csv`` written) and :func:`fit` returns
+with ``stopped="max_hours"``. The cut epoch counts as done: the schedule is advanced over its
+iterations left (as over skipped steps: the schedule follows the iteration count), and a
+``resume=True`` run starts with the next epoch (the cut epoch's remaining batches are not seen).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +19,7 @@ import inspect
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +42,21 @@ from cellmask.engine.defaults import train_config
 from cellmask.engine.dist import DistInfo, barrier, gather_objects, init_distributed
 from cellmask.engine.history import append_rows_csv, keep_epochs_csv, plot_metrics, write_metrics_csv
 from cellmask.engine.loaders import Batch, set_loader_epoch
-from cellmask.engine.loop import NonFiniteGuard, TrainStep, epoch_means, fmt, train_one_epoch
+from cellmask.engine.loop import (
+    NonFiniteGuard,
+    TrainStep,
+    WallClockBudget,
+    epoch_means,
+    fmt,
+    train_one_epoch,
+)
 from cellmask.engine.optim import build_optimizer, build_scheduler
 from cellmask.engine.rng import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger("cellmask.engine")
+
+STOPPED_MAX_HOURS = "max_hours"
+"""``stopped`` of a run (and of its cut epoch's row) that the wall-clock budget ended."""
 
 ValFn = Callable[[nn.Module, int, DistInfo], Mapping[str, float]]
 """``val_fn(model, epoch, info) -> {"AP": ..}``, called on every rank (contract 3)."""
@@ -60,6 +83,8 @@ class Run:
     best: dict[str, Any] | None = None
     start_epoch: int = 0
     init_report: InitReport | None = None
+    budget: WallClockBudget | None = None
+    stopped: str | None = None
 
     @property
     def tcfg(self) -> dict[str, Any]:
@@ -106,32 +131,61 @@ def fit(
         device: ``cpu``, ``cuda``, or ``None`` for CUDA when available (under DDP each process
             uses ``cuda:LOCAL_RANK``).
 
+    ``cfg.train.max_hours`` (hours, from this call's start; null or 0: none) ends training after
+    the iteration that passes it, the cut epoch closed and saved (module docstring).
+
     Returns:
         ``{"history": [row per epoch], "best": {"epoch", "metric", "value"} | None,
-        "out_dir": Path, "init": InitReport | None, "model": model}``.
+        "out_dir": Path, "init": InitReport | None, "model": model, "stopped": "max_hours" |
+        None}`` (``stopped``: why training ended before the last epoch; ``None``: it did not).
+
+    Raises:
+        ValueError: ``train.max_hours`` is negative or not a number.
     """
+    budget = WallClockBudget.from_config(to_plain(cfg))  # started now; a bad value fails first
     run = new_run(
         model, cfg, out_dir, train_loader, validates=val_fn is not None, epochs=epochs, device=device
     )
+    run.budget = budget
     if resume:
         restore(run, ignored_init=init)
     else:
         seed_everything(int(run.tcfg["seed"]))
         if init is not None:
             run.init_report = load_init_weights(model, init)
+        if run.info.is_main:  # a fresh run in a used directory: steps.csv starts over
+            (run.out_dir / "steps.csv").unlink(missing_ok=True)
     open_run(run)
     for epoch in range(run.start_epoch, run.total_epochs):
         started = time.perf_counter()
         row, steps = train_epoch(run, train_loader, epoch)
-        row.update(validate(run, val_fn, epoch))
+        cut = row.get("stopped") is not None
+        row.update(validate(run, val_fn, epoch, force=cut))
         row["time_s"] = round(time.perf_counter() - started, 3)
         save_epoch(run, row, steps, is_best=record_epoch(run, row))
+        if cut:
+            run.stopped = str(row["stopped"])
+            if run.info.is_main:
+                then = (
+                    f"resume=True continues with epoch {epoch + 2}"
+                    if epoch + 1 < run.total_epochs
+                    else "no epoch left"
+                )
+                log.warning(
+                    "stopped: %s (%.4g h budget spent after %.4g h) in epoch %d/%d after %d/%d "
+                    "iterations; last.pt written (%s)",
+                    run.stopped, budget.max_hours if budget else 0.0,
+                    budget.elapsed() / 3600 if budget else 0.0, epoch + 1, run.total_epochs,
+                    row["iters"], run.iters_per_epoch, then,
+                )  # fmt: skip
+            break
     return {
         "history": run.history,
         "best": run.best,
         "out_dir": run.out_dir,
         "init": run.init_report,
         "model": model,
+        "stopped": run.stopped,
     }
 
 
@@ -227,7 +281,10 @@ def train_epoch(run: Run, loader: Iterable[Batch], epoch: int) -> tuple[dict[str
     """One epoch of training: ``(epoch row, per-step rows of every rank)``.
 
     The row holds ``epoch`` (1-based), ``train_<key>`` means over every rank's steps,
-    ``train_skipped_steps`` and ``lr``; the step rows are sorted by iteration, then rank.
+    ``train_skipped_steps`` and ``lr``; the step rows are sorted by iteration, then rank. When
+    the run's budget ended the epoch (and not at the run's very end) the row also holds
+    ``stopped="max_hours"`` and ``iters`` (the iterations run), and the scheduler is stepped over
+    the epoch's iterations left.
     """
     info = run.info
     set_loader_epoch(loader, epoch, int(run.tcfg["seed"]), info.rank)
@@ -235,7 +292,7 @@ def train_epoch(run: Run, loader: Iterable[Batch], epoch: int) -> tuple[dict[str
     stats = train_one_epoch(
         run.step or TrainStep(run.model), loader, run.optimizer, run.scheduler, run.scaler,
         device=info.device, cfg=run.cfg, epoch=epoch, guard=run.guard, info=info,
-        start_iteration=epoch * run.iters_per_epoch, steps=mine,
+        start_iteration=epoch * run.iters_per_epoch, steps=mine, budget=run.budget,
     )  # fmt: skip
     steps = sorted(
         (row for rows in gather_objects(mine, info) for row in rows),
@@ -245,16 +302,30 @@ def train_epoch(run: Run, loader: Iterable[Batch], epoch: int) -> tuple[dict[str
     row.update({f"train_{k}": v for k, v in epoch_means(steps).items()})
     row["train_skipped_steps"] = stats["skipped_steps"]  # the same on every rank (decided jointly)
     row["lr"] = stats["lr"]
+    iters = int(stats["iters"])
+    finished = epoch + 1 == run.total_epochs and iters >= run.iters_per_epoch
+    if stats["stopped"] and not finished:  # decided jointly: the same on every rank
+        row["stopped"] = STOPPED_MAX_HOURS
+        row["iters"] = iters
+        with warnings.catch_warnings():  # the cut epoch's iterations left count as skipped ones
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            for _ in range(run.iters_per_epoch - iters):
+                run.scheduler.step()
     return row, steps
 
 
 def validate(
-    run: Run, val_fn: ValFn | Callable[..., Mapping[str, float]] | None, epoch: int
+    run: Run,
+    val_fn: ValFn | Callable[..., Mapping[str, float]] | None,
+    epoch: int,
+    force: bool = False,
 ) -> dict[str, float]:
     """``{"val_<key>": value}`` of ``val_fn`` on every rank, when ``epoch`` is due for validation
-    (every ``train.val_every`` epochs and the last); ``{}`` otherwise."""
+    (every ``train.val_every`` epochs, the last, and any when ``force``: a run's cut epoch);
+    ``{}`` otherwise or without ``val_fn``."""
     every = max(int(run.tcfg["val_every"]), 1)
-    if val_fn is None or not ((epoch + 1) % every == 0 or epoch + 1 == run.total_epochs):
+    due = force or (epoch + 1) % every == 0 or epoch + 1 == run.total_epochs
+    if val_fn is None or not due:
         return {}
     try:
         inspect.signature(val_fn).bind(run.model, epoch, run.info)
@@ -279,7 +350,8 @@ def record_epoch(run: Run, row: dict[str, Any]) -> bool:
 
 def save_epoch(run: Run, row: dict[str, Any], steps: list[dict[str, Any]], is_best: bool) -> None:
     """Write the epoch (rank 0; every rank hands over its RNG states): ``steps.csv`` rows,
-    ``last.pt``, ``epoch_XXX.pt`` when due (older ones pruned), ``best.pt`` when ``is_best``,
+    ``last.pt``, ``epoch_XXX.pt`` when due or the run stops there (older ones pruned),
+    ``best.pt`` when ``is_best``,
     ``metrics.csv`` and ``metrics.png``; then wait for every rank."""
     info, out_dir, tcfg = run.info, run.out_dir, run.tcfg
     states = gather_objects(rng_state(), info)
@@ -307,16 +379,16 @@ def save_epoch(run: Run, row: dict[str, Any], steps: list[dict[str, Any]], is_be
             "best": run.best,
         }
         every = max(int(tcfg["checkpoint_every"] or 0), 0)
-        if (every and epoch % every == 0) or epoch == run.total_epochs:
+        if (every and epoch % every == 0) or epoch == run.total_epochs or row.get("stopped"):
             save_checkpoint(weights, out_dir / f"epoch_{epoch:03d}.pt")
             prune_epoch_checkpoints(out_dir, tcfg.get("keep_epoch_checkpoints"))
         if is_best:
             save_checkpoint(weights, out_dir / "best.pt")
         write_metrics_csv(run.history, out_dir / "metrics.csv")
         plot_metrics(run.history, out_dir / "metrics.png")
-        log.info(
-            "epoch %d/%d: %s", epoch, run.total_epochs, fmt({k: v for k, v in row.items() if k != "epoch"})
-        )
+        numbers = {k: v for k, v in row.items() if k != "epoch" and not isinstance(v, str)}
+        note = f" (stopped: {row['stopped']})" if row.get("stopped") else ""
+        log.info("epoch %d/%d: %s%s", epoch, run.total_epochs, fmt(numbers), note)
     barrier(info)
 
 

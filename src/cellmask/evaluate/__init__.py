@@ -118,11 +118,14 @@ def evaluate_predictor(
     baseline: tuple[str, Any] | None = None,
     split: str = "val",
     progress: bool = True,
+    extra_rows: Sequence[Row] = (),
 ) -> EvaluateResult:
     """Score a built predictor on truth records (the work of :func:`evaluate`).
 
     Args:
         baseline: ``(name, Cascade Mask R-CNN model)`` for the ablation's baseline row.
+        extra_rows: more variants scored in the same detection pass (e.g. tuned thresholds),
+            after the ablation's rows (or the configured one).
     """
     from cellmask.config import save_config
     from cellmask.metric import plot_per_threshold
@@ -135,6 +138,7 @@ def evaluate_predictor(
         rows = ablation_rows(names, predictor.options, baseline[0] if baseline else None)
     else:
         rows = [Row("as configured", None, bool(predictor.options["tta"]), {}, False, True)]
+    rows = [*rows, *extra_rows]
     results = run_rows(predictor, records, rows, baseline[1] if baseline else None, progress)
     main = next(r for r in results if r.row.configured)
     files: dict[str, Path] = {}

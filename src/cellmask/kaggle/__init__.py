@@ -6,8 +6,9 @@
   one training stage, small tables and figures.
 - :mod:`cellmask.kaggle.packaging`: kernel folders, the weights / wheels / code datasets.
 - :mod:`cellmask.kaggle.api`: the ``kaggle`` CLI (user name, credentials, dry runs, polling).
+- :mod:`cellmask.kaggle.data`: the competition data downloaded and unpacked (``make data``).
 - ``python -m cellmask.kaggle``: the commands behind ``make wheels``, ``make weights``,
-  ``make push-datasets``, ``make push``, ``make push-train`` and ``make submit``.
+  ``make push-datasets``, ``make push``, ``make push-train``, ``make submit`` and ``make data``.
 
 Nothing here imports torch at module level, and nothing needs the ``kaggle`` CLI until a
 command really runs it.

@@ -12,10 +12,12 @@
     make pull-runs            pull-runs         (the training kernels' outputs into runs/)
     make pull-evaluation      pull-evaluation   (08's output: the ablation and tuned.predict.yaml)
     make submit               submit [--message MSG] [--version N]
+    make data                 download-data [--dir data/sartorius] [--force]
+                              (the competition zip, unpacked into a Kaggle-layout --data root)
 
 ``--dry-run`` (``DRY_RUN=1``) prints each ``kaggle`` command with its real arguments instead of
 running it; it needs the user name (``KAGGLE_USERNAME`` or ``kaggle.json``) but neither the CLI
-nor a key. Errors print one line and exit with status 2.
+nor a key (``download-data`` not even the user name). Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cellmask.errors import DataError
-from cellmask.kaggle import api, packaging, weights, wheels
+from cellmask.kaggle import api, data, packaging, weights, wheels
 from cellmask.kaggle.api import KaggleCommandError, KaggleRunner, KaggleSetupError
 
 
@@ -181,6 +183,11 @@ def cmd_submit(args: argparse.Namespace, runner: KaggleRunner) -> int:
     return 0
 
 
+def cmd_download_data(args: argparse.Namespace, runner: KaggleRunner) -> int:
+    data.download_data(runner, args.dir, force=args.force)
+    return 0
+
+
 COMMANDS = {
     "notebooks-clean": cmd_notebooks_clean,
     "wheels": cmd_wheels,
@@ -192,6 +199,7 @@ COMMANDS = {
     "pull-runs": cmd_pull_runs,
     "pull-evaluation": cmd_pull_evaluation,
     "submit": cmd_submit,
+    "download-data": cmd_download_data,
 }
 
 
@@ -231,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--message", default=None, help="default: cellmask <git describe>")
     s.add_argument("--version", default=None, help="submit this kernel version (no push)")
     s.add_argument("--poll", type=float, default=60.0, help="seconds between status checks (default 60)")
+    s = sub.add_parser("download-data", help="download and unpack the competition data (make data)")
+    s.add_argument(
+        "--dir", type=Path, default=data.DEFAULT_DIR, help=f"where to unpack it (default {data.DEFAULT_DIR})"
+    )
+    s.add_argument("--force", action="store_true", help="download again into a folder that has the data")
     return p
 
 

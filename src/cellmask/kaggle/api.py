@@ -130,9 +130,12 @@ class KaggleRunner:
     executable: str = "kaggle"
     log: list[list[str]] = field(default_factory=list)
 
-    def run(self, args: Sequence[str], check: bool = True, echo: bool = True) -> subprocess.CompletedProcess:
-        """Run ``kaggle ARGS`` (stdout captured and echoed); in dry-run mode print it and return
-        an empty, successful result.
+    def run(
+        self, args: Sequence[str], check: bool = True, echo: bool = True, stream: bool = False
+    ) -> subprocess.CompletedProcess:
+        """Run ``kaggle ARGS`` (stdout captured and echoed; with ``stream``, not captured: the
+        command's output, e.g. a download's progress, goes straight to the terminal); in dry-run
+        mode print it and return an empty, successful result.
 
         Raises:
             KaggleCommandError: a non-zero exit status and ``check`` (the message holds its output).
@@ -142,6 +145,13 @@ class KaggleRunner:
         if self.dry_run:
             print("$ " + shlex.join(cmd), file=self.out, flush=True)
             return subprocess.CompletedProcess(cmd, 0, "", "")
+        if stream:
+            proc = subprocess.run(cmd)
+            if check and proc.returncode != 0:
+                raise KaggleCommandError(
+                    f"`{shlex.join(cmd)}` failed (exit {proc.returncode}; its output is above)"
+                )
+            return proc
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if echo and proc.stdout.strip():
             print(proc.stdout.rstrip(), file=self.out, flush=True)

@@ -98,8 +98,12 @@ def nominal_input_size(
     max_size: int,
     divisible: int = 32,
     image_hw: tuple[int, int] = (520, 704),
+    scale: float | None = None,
 ) -> tuple[int, int]:
     """The padded ``(H, W)`` the detector's transform makes of a competition-sized image.
+
+    ``scale`` (``model.transform.scale``) set: the image is scaled by exactly that factor and
+    ``min_size``/``max_size`` play no part (1.0: 520x704 -> 544x704).
 
     ``GeneralizedRCNNTransform`` scales an image by ``min(min_size / short side, max_size /
     long side)`` (output size rounded down) and pads the batch to a multiple of ``divisible``.
@@ -110,7 +114,8 @@ def nominal_input_size(
     if isinstance(min_size, Sequence):
         min_size = max(int(s) for s in min_size)
     h, w = image_hw
-    scale = min(float(min_size) / min(h, w), float(max_size) / max(h, w))
+    if scale is None:
+        scale = min(float(min_size) / min(h, w), float(max_size) / max(h, w))
     rh, rw = math.floor(h * scale), math.floor(w * scale)
     return math.ceil(rh / divisible) * divisible, math.ceil(rw / divisible) * divisible
 
@@ -342,5 +347,6 @@ def build_model_backbone(model_cfg: Mapping[str, Any]) -> BackboneWithFPN:
     min_size = t["min_size"]
     if isinstance(min_size, Sequence):
         min_size = [int(v) for v in min_size]
-    image_size = nominal_input_size(min_size, int(t["max_size"]), int(t["size_divisible"]))
+    scale = None if t["scale"] is None else float(t["scale"])
+    image_size = nominal_input_size(min_size, int(t["max_size"]), int(t["size_divisible"]), scale=scale)
     return build_backbone(section(model_cfg, "backbone"), section(model_cfg, "fpn"), image_size)

@@ -15,7 +15,7 @@ Sections (keys; meanings in ``configs/base.yaml``):
 - ``rpn``: proposal counts, NMS, matching thresholds, sampler, ``match_chunk``;
 - ``roi``: the box head (RoIAlign, MLP, predictor), matching, sampler, post-processing,
   ``match_chunk``;
-- ``transform``: ``min_size``, ``max_size``, ``image_mean``, ``image_std``, ``size_divisible``;
+- ``transform``: ``min_size``, ``max_size``, ``scale``, ``image_mean``, ``image_std``, ``size_divisible``;
 - ``cascade``: per-stage ``iou_thresholds``, ``bbox_reg_weights``, ``stage_loss_weights``,
   and ``smooth_l1_beta``;
 - ``mask``: the baseline's mask branch.
@@ -59,7 +59,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "detections_per_img",
         "match_chunk",
     ),
-    "transform": ("min_size", "max_size", "image_mean", "image_std", "size_divisible"),
+    "transform": ("min_size", "max_size", "scale", "image_mean", "image_std", "size_divisible"),
     "cascade": ("iou_thresholds", "bbox_reg_weights", "stage_loss_weights", "smooth_l1_beta"),
     "mask": (
         "enabled",
@@ -74,9 +74,10 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
 }
 """Every key each section must state (``configs/base.yaml`` states them all)."""
 
-OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {"backbone": ("weights_file",)}
-"""Keys of :data:`SECTION_KEYS` that may be absent, meaning ``null`` (a path, not a number:
-``cellmask.predict`` drops ``weights_file`` when it rebuilds a model from a checkpoint)."""
+OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {"backbone": ("weights_file",), "transform": ("scale",)}
+"""Keys of :data:`SECTION_KEYS` that may be absent, meaning ``null``: ``weights_file`` is a path,
+not a number (``cellmask.predict`` drops it when it rebuilds a model from a checkpoint);
+``transform.scale`` is newer than runs already trained and published (absent: min/max sizes)."""
 
 
 def require(

@@ -1,7 +1,9 @@
 """The detectors' input/output transform: torchvision's ``GeneralizedRCNNTransform`` with windowed masks.
 
 :class:`CellRCNNTransform` normalises, resizes (``min_size`` / ``max_size``, aspect ratio kept)
-and batch-pads images exactly as torchvision's transform does, with two differences for masks:
+and batch-pads images exactly as torchvision's transform does, or, with ``scale`` set, resizes
+every image by that one factor whatever its size (``1.0``: native pixels, so training crops and
+whole test images see cells at the same size). Two differences for masks:
 
 - **training**: truth masks are *not* resized. torchvision interpolates every image's mask
   stack as float ``[N, 1, H', W']`` (~3.5 MB per cell at 800x1083, 1000+ cells on a LIVECell
@@ -24,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
+from torch.nn.functional import interpolate
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
 from cellmask.models.sections import section
@@ -37,6 +40,7 @@ class CellRCNNTransform(GeneralizedRCNNTransform):
 
     Args:
         min_size, max_size, image_mean, image_std, size_divisible: as torchvision's.
+        scale: a fixed resize factor (``min_size``/``max_size`` unused), or ``None``.
         mask_threshold: probability at which a pasted mask pixel is set (the mask branch's
             ``mask.threshold``); ``None`` for models without masks.
     """
@@ -49,9 +53,13 @@ class CellRCNNTransform(GeneralizedRCNNTransform):
         image_std: Sequence[float],
         size_divisible: int,
         mask_threshold: float | None = None,
+        scale: float | None = None,
     ) -> None:
         super().__init__(min_size, max_size, list(image_mean), list(image_std), size_divisible=size_divisible)
+        if scale is not None and not scale > 0:
+            raise ValueError(f"model.transform.scale must be a positive factor or null, got {scale}")
         self.mask_threshold = mask_threshold
+        self.scale = None if scale is None else float(scale)
 
     def resize(
         self, image: Tensor, target: dict[str, Tensor] | None = None
@@ -61,7 +69,15 @@ class CellRCNNTransform(GeneralizedRCNNTransform):
         if target is not None and "masks" in target:
             masks = target["masks"]
             target = {k: v for k, v in target.items() if k != "masks"}
-        image, target = super().resize(image, target)
+        if self.scale is None:
+            image, target = super().resize(image, target)
+        elif self.scale != 1.0:
+            h, w = image.shape[-2:]
+            image = interpolate(
+                image[None], scale_factor=self.scale, mode="bilinear", recompute_scale_factor=True
+            )[0]
+            if target is not None and "boxes" in target:
+                target = {**target, "boxes": resize_boxes(target["boxes"], (h, w), tuple(image.shape[-2:]))}
         if target is not None and masks is not None:
             target["masks"] = masks
         return image, target
@@ -96,7 +112,7 @@ def min_size_value(value: Any) -> int | tuple[int, ...]:
 
 def build_transform(model_cfg: Mapping[str, Any], mask_threshold: float | None = None) -> CellRCNNTransform:
     """The transform of a ``model`` config section (``model.transform``: ``min_size``,
-    ``max_size``, ``image_mean``, ``image_std``, ``size_divisible``)."""
+    ``max_size``, ``scale``, ``image_mean``, ``image_std``, ``size_divisible``)."""
     t = section(model_cfg, "transform")
     return CellRCNNTransform(
         min_size_value(t["min_size"]),
@@ -105,4 +121,5 @@ def build_transform(model_cfg: Mapping[str, Any], mask_threshold: float | None =
         [float(v) for v in t["image_std"]],
         int(t["size_divisible"]),
         mask_threshold=None if mask_threshold is None else float(mask_threshold),
+        scale=None if t["scale"] is None else float(t["scale"]),
     )

@@ -20,7 +20,7 @@ from cellmask.data.synthetic.render import synth_image
 from cellmask.data.synthetic.styles import COMPETITION_TYPES, LIVECELL_TYPES
 from cellmask.errors import DataError
 
-__all__ = ["cli_synth", "parse_size", "write_dataset"]
+__all__ = ["cli_synth", "parse_size", "write_dataset", "written_by_synth"]
 
 _MIN_SIZE = 32
 _COCO_DESCRIPTION = "cellmask synthetic LIVECell stand-in"
@@ -143,6 +143,16 @@ class _Layout:
         return self.folders["lc_ann"] / f"livecell_coco_{split}.json"
 
 
+def written_by_synth(root: Path) -> bool:
+    """True when ``root`` holds a dataset :func:`write_dataset` wrote (its LIVECell COCO file
+    carries our description, even with no LIVECell image)."""
+    try:
+        coco = _Layout(Path(root)).coco("train")
+        return json.loads(coco.read_text())["info"]["description"] == _COCO_DESCRIPTION
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _prepare(layout: _Layout) -> None:
     """Create the folders; clear the images of an earlier synthetic run so the layout stays exact.
 
@@ -161,11 +171,7 @@ def _prepare(layout: _Layout) -> None:
         if p.is_file() and p.suffix.lower() in (".png", ".tif", ".json")
     ]
     if stale:
-        try:
-            ours = json.loads(layout.coco("train").read_text())["info"]["description"] == _COCO_DESCRIPTION
-        except (OSError, ValueError, KeyError, TypeError):
-            ours = False
-        if not ours:
+        if not written_by_synth(root):
             raise DataError(
                 f"{root}: already holds image or annotation files not written by `cellmask synth`; "
                 "choose an empty or new folder"
