@@ -52,13 +52,19 @@ test: setup
 
 # The tests whose outcome rests on float kernels (trained models, autocast, interpolation: marked
 # `numerics`) again under torch's portable and AVX2 kernels, so a kernel-path difference between
-# CPUs shows here on any machine (CI runs it after `make test`).
+# CPUs shows here on any machine (CI runs it after `make test`). The two runs go side by side
+# (most of these tests use one thread), each with its own temporary folder and log.
 CAPABILITIES ?= default avx2
 test-numerics: setup
+	@mkdir -p build; pids=""; \
 	for cap in $(CAPABILITIES); do \
-		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -c "import torch; print(\"== kernels:\", torch.backends.cpu.get_cpu_capability())"; \
-		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q -m numerics -p no:cacheprovider || exit 1; \
-	done
+		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q -m numerics -p no:cacheprovider \
+			--basetemp=build/pytest-numerics-$$cap > build/numerics-$$cap.log 2>&1 & pids="$$pids $$!"; \
+	done; status=0; for pid in $$pids; do wait $$pid || status=1; done; \
+	for cap in $(CAPABILITIES); do \
+		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -c "import torch; print('== kernels:', torch.backends.cpu.get_cpu_capability())"; \
+		cat build/numerics-$$cap.log; \
+	done; exit $$status
 
 lint: setup
 	$(BIN)/ruff check .
