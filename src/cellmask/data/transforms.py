@@ -243,21 +243,13 @@ def _probability(cfg: Mapping[str, Any], key: str) -> float:
     return p
 
 
-def _resize_size(cfg: Mapping[str, Any]) -> list[int] | None:
-    size = cfg.get("resize", DEFAULT_AUGMENT["resize"])
+def _size(cfg: Mapping[str, Any], key: str) -> tuple[int, int] | None:
+    """``augment.<key>`` (``resize``, ``crop``) as ``(H, W)``, or None when switched off."""
+    size = cfg.get(key, DEFAULT_AUGMENT[key])
     if size is None or size is False:
         return None
     if not isinstance(size, Sequence) or len(size) != 2 or any(int(s) <= 0 for s in size):
-        raise ValueError(f"augment.resize must be null or [H, W] with positive sizes, got {size!r}")
-    return [int(size[0]), int(size[1])]
-
-
-def _crop_size(cfg: Mapping[str, Any]) -> tuple[int, int] | None:
-    size = cfg.get("crop", DEFAULT_AUGMENT["crop"])
-    if size is None or size is False:
-        return None
-    if not isinstance(size, Sequence) or len(size) != 2 or any(int(s) <= 0 for s in size):
-        raise ValueError(f"augment.crop must be null or [H, W] with positive sizes, got {size!r}")
+        raise ValueError(f"augment.{key} must be null or [H, W] with positive sizes, got {size!r}")
     return int(size[0]), int(size[1])
 
 
@@ -312,12 +304,12 @@ def build_transforms(augment_cfg: Mapping[str, Any] | None, train: bool) -> Pipe
     if unknown:
         raise ValueError(f"augment: unknown key(s) {sorted(unknown)}; expected {sorted(DEFAULT_AUGMENT)}")
     ops: list[Op] = []
-    size = _resize_size(cfg)
+    size = _size(cfg, "resize")
     if size is not None:
-        ops.append(Resize((size[0], size[1])))
+        ops.append(Resize(size))
     if not train:
         return Pipeline(ops)
-    crop = _crop_size(cfg)
+    crop = _size(cfg, "crop")
     if crop is not None:
         ops.append(Crop(crop))
     for key, axis in (("hflip", "horizontal"), ("vflip", "vertical")):
