@@ -115,6 +115,12 @@ def _resolve(path: Path, profile: str, chain: tuple[Path, ...]) -> tuple[Config,
     return cfg, known
 
 
+def add_override_argument(parser: Any, help: str, metavar: str = "KEY=VALUE") -> None:
+    """The ``--set KEY.PATH=VALUE`` option (repeatable, into ``overrides``) of the commands that
+    take config overrides (:func:`parse_overrides` reads them)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar, help=help)
+
+
 def parse_overrides(items: Iterable[str]) -> Config:
     """``["train.epochs=3", "model.mask.enabled=true"]`` -> a nested mapping (values parsed as YAML)."""
     out: Config = {}

@@ -45,7 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cellmask.config import PROFILES, get, load_config
+from cellmask.config import PROFILES, add_override_argument, get, load_config
 
 DATASETS = ("sartorius", "livecell")
 
@@ -86,13 +86,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--epochs", type=int, default=None, help="total epochs (overrides train.epochs)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=2e-4 (repeatable; value parsed as YAML)",
+    add_override_argument(
+        p, "override a config value, e.g. --set train.lr=2e-4 (repeatable; value parsed as YAML)"
     )
 
 

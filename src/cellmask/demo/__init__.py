@@ -53,7 +53,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cellmask.config import PROFILES
+from cellmask.config import PROFILES, add_override_argument
 from cellmask.demo.core import SUMMARY_KEYS, run_demo
 from cellmask.demo.plan import BRANCHES, DATASETS, SEGMENTER, Stage, demo_stages
 from cellmask.demo.report import box_ap_per_class, save_comparison, write_truth_csv
@@ -135,13 +135,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="train and score the Cascade Mask R-CNN baseline too (default: on a competition root)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value of every run (repeatable), e.g. --set train.max_hours=0.2",
+    add_override_argument(
+        p, "override a config value of every run (repeatable), e.g. --set train.max_hours=0.2"
     )
     p.add_argument(
         "--report",

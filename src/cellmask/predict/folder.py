@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from cellmask.config import add_override_argument
 from cellmask.predict.options import config_path_for, save_predict_config
 
 __all__ = [
@@ -189,13 +190,10 @@ def add_common_arguments(p: argparse.ArgumentParser, data: bool = False) -> None
     p.add_argument(
         "--config", default=None, metavar="YAML", help="predict config (default: configs/predict.yaml values)"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
+    add_override_argument(
+        p,
+        "override a predict option, e.g. --set predict.tta=false (repeatable; YAML values)",
         metavar="predict.KEY=VALUE",
-        help="override a predict option, e.g. --set predict.tta=false (repeatable; YAML values)",
     )
 
 
