@@ -71,6 +71,7 @@ def test_source_reads_a_root_as_it_is_and_names_what_a_missing_one_lacks(tmp_pat
 
     real = resolve_source(FIXTURES)  # train.csv not written by cellmask synth: read as it is
     assert not real.synthetic and not real.write and real.kind == "root"
+    assert not real.unlabeled  # no Soft Teacher, and a note says so
     assert any("train_semi_supervised" in n and "Soft Teacher" in n for n in real.notes)
     assert resolve_source(tmp_path / "new").synthetic  # nothing there: the synthetic demo writes it
     with pytest.raises(DataError, match="train.csv") as err:

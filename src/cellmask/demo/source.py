@@ -32,12 +32,14 @@ class DataSource:
         root: the Kaggle-layout folder.
         synthetic: the images are ``cellmask synth``'s (written for this run or an earlier one).
         write: the synthetic dataset is written by this run (else the folder is read as it is).
+        unlabeled: unlabeled images for Soft Teacher are there (or will be: a written dataset).
         notes: what the root lacks and what the run does without it (empty for a full root).
     """
 
     root: Path
     synthetic: bool
     write: bool = False
+    unlabeled: bool = True
     notes: tuple[str, ...] = ()
 
     @property
@@ -52,6 +54,10 @@ def is_synthetic_root(root: str | Path) -> bool:
     return written_by_synth(Path(root))
 
 
+def _has_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
 def root_notes(root: str | Path, livecell: bool = False) -> tuple[str, ...]:
     """What an annotated root lacks, each with its consequence for the demo (``livecell``: the
     run wants the LIVECell stages)."""
@@ -59,10 +65,11 @@ def root_notes(root: str | Path, livecell: bool = False) -> tuple[str, ...]:
 
     layout = CompetitionLayout(Path(root))
     notes = []
-    semi = layout.semi_supervised_dir
-    if not semi.is_dir() or not any(semi.iterdir()):
-        notes.append(f"no unlabeled images in {semi}: Soft Teacher (branch 4) is left out")
-    if not layout.test_dir.is_dir() or not any(layout.test_dir.iterdir()):
+    if not _has_files(layout.semi_supervised_dir):
+        notes.append(
+            f"no unlabeled images in {layout.semi_supervised_dir}: Soft Teacher (branch 4) is left out"
+        )
+    if not _has_files(layout.test_dir):
         notes.append(f"no images in {layout.test_dir}: no test submission is written")
     if livecell and not layout.livecell_root.is_dir():
         notes.append(
@@ -87,6 +94,8 @@ def resolve_source(data: str | Path, synth: bool | None = None, livecell: bool =
         DataError: a root to read that has no ``train.csv`` or ``train/`` (the message names
             both paths and how to get the data).
     """
+    from cellmask.paths import CompetitionLayout
+
     root = Path(data)
     if synth is None:
         synth = not (root / "train.csv").is_file() or is_synthetic_root(root)
@@ -99,4 +108,5 @@ def resolve_source(data: str | Path, synth: bool | None = None, livecell: bool =
             + " and ".join(str(p) for p in missing)
             + " (download the competition with `make data`, or pass --data DIR)"
         )
-    return DataSource(root, is_synthetic_root(root), write=False, notes=root_notes(root, livecell))
+    unlabeled = _has_files(CompetitionLayout(root).semi_supervised_dir)
+    return DataSource(root, is_synthetic_root(root), False, unlabeled, root_notes(root, livecell))

@@ -94,7 +94,7 @@ class DemoContext:
 def stages_for(source: DataSource, branches: Sequence[str], livecell: bool, baseline: bool) -> list[Stage]:
     """The runs to train: Soft Teacher only with unlabeled images, the baseline on request."""
     branches = list(branches)
-    if any("Soft Teacher" in n for n in source.notes):  # no unlabeled images
+    if not source.unlabeled:
         branches = [b for b in branches if b != "soft_teacher_resnext101"]
     stages = demo_stages(branches, livecell=livecell)
     if baseline:
