@@ -7,8 +7,9 @@ STAMP  := $(VENV)/.cellmask-installed
 DATA_DIR ?= data/sartorius
 DATA     ?= $(if $(wildcard ../shared/sartorius/train.csv),../shared/sartorius,$(DATA_DIR))
 SYNTH    ?= data/synthetic
+DEMO_REAL ?= runs/demo_real
 
-.PHONY: setup demo demo-real data demo-livecell ablation test test-numerics lint format bench synth clean \
+.PHONY: ablation-real setup demo demo-real data demo-livecell ablation test test-numerics lint format bench synth clean \
 	notebooks-clean wheels weights code-dataset push-datasets push push-train pull-runs pull-evaluation submit
 
 setup: $(STAMP)
@@ -46,6 +47,16 @@ demo-livecell: setup
 # Mask R-CNN baseline + LIVECell pretraining -> benchmarks/ABLATION.md and benchmarks/ablation/.
 ablation: setup
 	$(BIN)/cellmask demo --ablation
+
+# The levers of the real track, each a variant of one make demo-real run (runs/demo_real, which it
+# needs; DEMO_REAL=DIR for another) scored on the same held-out fold: synthetic-LIVECell pretraining, the paper's augmentations,
+# half-size resize against native windows, Soft Teacher against its supervised twin (5 runs,
+# about 40 min on 2 cores), and the class vote before WBF and tuned thresholds (inference only)
+# -> benchmarks/REAL_LEVERS.md.
+ablation-real: setup
+	@test -f "$(DATA)/train.csv" -a -d "$(DATA)/train" || { echo "make ablation-real: no competition data at $(DATA) (looked for $(DATA)/train.csv and $(DATA)/train/); run make data, or pass DATA=DIR"; exit 2; }
+	@test -f $(DEMO_REAL)/summary.json || { echo "make ablation-real: no make demo-real run in $(DEMO_REAL) (looked for $(DEMO_REAL)/summary.json); run make demo-real first"; exit 2; }
+	$(BIN)/cellmask demo --ablation --data $(DATA) --profile cpu --from-runs $(DEMO_REAL) --out runs/levers_real --ablation-md benchmarks/REAL_LEVERS.md
 
 test: setup
 	$(BIN)/python -m pytest -q

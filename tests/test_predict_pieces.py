@@ -240,3 +240,42 @@ def test_detection_cache_round_trip_and_staleness(tmp_path):
     img.write_bytes(b"abcd")  # the image changed
     assert cache.load("b-1", ImageKey.of("x", img), ("identity",)) is None
     assert DetectionCache(None).load("b-1", key, ("identity",)) is None
+
+
+def test_class_vote_before_wbf_merges_a_cell_two_branches_label_differently():
+    """One cell, branch a says cort (2), branch b astro (3): after WBF (the default) WBF keeps one
+    box per label and the vote relabels both, a duplicate; voting first merges them into one."""
+    predictor = Predictor(
+        [Branch("a", BlobDetector(), weight=2.0), Branch("b", BlobDetector(), weight=1.0)],
+        ContentSegmenter(),
+        {"device": "cpu", "tta": False},
+    )
+    raw = {
+        "a": [Detections(np.array([[10.0, 10.0, 30.0, 30.0], [50, 50, 70, 70]]), [0.9, 0.8], [2, 2])],
+        "b": [Detections(np.array([[11.0, 10.0, 31.0, 30.0]]), [0.6], [3])],
+    }
+    after = predictor.fuse(raw, (100, 100))
+    assert sorted(after.labels.tolist()) == [2, 2, 3]  # the cell twice, once per label
+
+    opts = predict_config({**predictor.options, "vote_before_wbf": True})
+    before = predictor.fuse(raw, (100, 100), options=opts)
+    assert before.labels.tolist() == [2, 2] and len(before) == 2  # the cell once, relabelled cort
+    merged = before.boxes[np.argmin(before.boxes[:, 0])]
+    assert 10.0 < merged[0] < 11.0  # both branches' boxes averaged
+    # without the class vote the option does nothing
+    no_vote = predictor.fuse(raw, (100, 100), options={**opts, "class_vote": False})
+    assert sorted(no_vote.labels.tolist()) == [2, 2, 3]
+
+
+def test_vote_entries_relabels_every_entry_and_keeps_empty_ones():
+    from cellmask.predict.pipeline import vote_entries
+
+    entries = [
+        Detections(np.array([[0.0, 0, 5, 5]]), [0.9], [1]),
+        Detections.empty(),
+        Detections(np.array([[0.0, 0, 5, 5], [1, 1, 4, 4]]), [0.3, 0.3], [3, 3]),
+    ]
+    voted = vote_entries(entries, 0.25)
+    assert [v.labels.tolist() for v in voted] == [[1], [], [1, 1]]  # 0.9 beats 0.3 + 0.3
+    assert voted[2].scores.tolist() == pytest.approx([0.3, 0.3])
+    assert vote_entries([Detections.empty()], 0.25)[0].labels.size == 0

@@ -169,27 +169,59 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--ablation-md",
-        default="benchmarks/ABLATION.md",
+        default=None,
         metavar="FILE",
-        help="the ablation's report (default benchmarks/ABLATION.md; figures in its folder's ablation/)",
+        help="the ablation's report (default benchmarks/ABLATION.md, figures in its folder's ablation/; "
+        "with a competition root benchmarks/REAL_LEVERS.md)",
     )
+    p.add_argument(
+        "--from-runs",
+        default="runs/demo_real",
+        metavar="DIR",
+        help="--ablation with a competition root: the make demo-real run the levers compare with "
+        "(default runs/demo_real)",
+    )
+
+
+def _real_root(args: argparse.Namespace) -> bool:
+    """``--data`` is a competition root (not a folder ``cellmask synth`` writes)."""
+    from cellmask.demo.source import resolve_source
+
+    return not resolve_source(args.data, False if args.no_synth else None).synthetic
 
 
 def cli_demo(args: argparse.Namespace) -> int:
     """Handler of ``cellmask demo``; returns 0, or 1 when the test submission is invalid."""
+    root = _real_root(args)
     if args.out is None:
-        from cellmask.demo.source import resolve_source
-
-        root = not args.ablation and not resolve_source(args.data, False if args.no_synth else None).synthetic
         args.out = (
-            "runs/demo_livecell"
-            if args.livecell and not args.ablation
+            ("runs/levers_real" if root else "runs/demo")
+            if args.ablation
+            else "runs/demo_livecell"
+            if args.livecell
             else "runs/demo_real"
             if root
             else "runs/demo"
         )
     if args.ablation and args.livecell:
         raise SystemExit("cellmask demo: --ablation trains its own LIVECell rows; drop --livecell")
+    if args.ablation and root:
+        from cellmask.demo.levers import run_levers
+
+        run_levers(
+            data=args.data,
+            demo_runs=args.from_runs,
+            out=args.out,
+            md=args.ablation_md or "benchmarks/REAL_LEVERS.md",
+            profile=args.profile or "cpu",
+            device=args.device,
+            workers=args.workers,
+            quick=args.quick,
+            command=" ".join(["cellmask", *sys.argv[1:]])
+            if sys.argv[1:2] == ["demo"]
+            else "make ablation-real",
+        )
+        return 0
     if args.ablation:
         from cellmask.demo.ablation import run_ablation
 
@@ -197,7 +229,7 @@ def cli_demo(args: argparse.Namespace) -> int:
             out=args.out,
             data=args.data,
             profile=args.profile or "demo",
-            md=args.ablation_md,
+            md=args.ablation_md or "benchmarks/ABLATION.md",
             device=args.device,
             workers=args.workers,
             reuse=True,

@@ -40,7 +40,7 @@ from cellmask.demo.plan import (
     demo_stages,
 )
 
-__all__ = ["PAPER", "format_ablation_md", "run_ablation"]
+__all__ = ["PAPER", "format_ablation_md", "machine_line", "run_ablation"]
 
 PAPER: dict[str, float] = {"baseline": 30.6, "single_low": 30.6, "single_high": 31.9, "ensemble": 33.2}
 """MDE-CellMask's own results (Kaggle metric x 100, the paper's Table 1 as summarised in the
@@ -103,7 +103,8 @@ def format_ablation_md(
     return "\n".join(lines) + "\n"
 
 
-def _machine() -> str:
+def machine_line() -> str:
+    """The CPU's model name, cores, torch and Python versions (the reports' machine line)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -240,7 +241,7 @@ def run_ablation(
         "command": command,
         "profile": profile,
         "minutes": times["total"] / 60,
-        "machine": _machine(),
+        "machine": machine_line(),
         "when": time.strftime("%Y-%m-%d"),
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "n_val": len(val_records),

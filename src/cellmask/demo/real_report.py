@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cellmask import CLASSES
+from cellmask.demo.ablation import machine_line
 
 __all__ = ["TARGETS", "format_real_md", "write_real_report"]
 
@@ -70,12 +71,6 @@ def _targets(summary: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _machine() -> str:
-    from cellmask.demo.ablation import _machine as machine
-
-    return machine()
-
-
 def format_real_md(
     summary: Mapping[str, Any], figures: Sequence[Path], md_dir: Path, command: str, when: str, load: str
 ) -> str:
@@ -85,7 +80,7 @@ def format_real_md(
     lines = [
         "# The pipeline on real competition images",
         "",
-        f"Made by `{command}` on {_machine()} ({when}; load average at the end {load}), "
+        f"Made by `{command}` on {machine_line()} ({when}; load average at the end {load}), "
         f"profile `{summary['profile']}`, data `{summary['data']}`.",
         "",
         f"Split (grouped by sample, stratified by cell type): {summary['n_train']} images to train, "

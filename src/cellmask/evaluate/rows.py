@@ -176,7 +176,7 @@ def run_rows(
                 )
                 inst = finish_detections(dets, size, opts, own_masks(base_out["masks"], size))
             else:
-                dets = predictor.fuse(raw, size, row.branches, row.tta)
+                dets = predictor.fuse(raw, size, row.branches, row.tta, opts)
                 inst = predictor.finish(tensor, dets, opts, store)
             preds[k][record.image_id] = predictor.rles(inst)
             counts[k] += len(inst)

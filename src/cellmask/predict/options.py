@@ -34,6 +34,7 @@ PREDICT_DEFAULTS: dict[str, Any] = {
     "tta": True,
     "wbf": {"iou_thr": 0.6, "skip_box_thr": 0.01, "conf_type": "avg"},
     "class_vote": True,
+    "vote_before_wbf": False,
     "vote_min_score": 0.25,
     "score_thresholds": dict(DEFAULT_SCORE_THRESHOLDS),
     "mask_threshold": None,
@@ -51,6 +52,9 @@ PREDICT_DEFAULTS: dict[str, Any] = {
 - ``class_vote``: every instance of an image gets the image's class by a score-weighted vote
   (:func:`~cellmask.predict.single.image_class`) before thresholds and minimum areas apply; not
   in the paper (there every box keeps its own class and threshold);
+- ``vote_before_wbf``: with ``class_vote``, vote over every branch's and view's detections and
+  relabel them *before* WBF, so WBF merges boxes that two branches labelled differently (after
+  WBF, the default, WBF clusters each label on its own and the vote relabels the fused boxes);
 - ``vote_min_score``: detections scoring at least this vote (all vote when none does);
 - ``score_thresholds``: per-class score thresholds on the fused detections (paper: shsy5y 0.25,
   cort 0.55, astro 0.35), or one float for every class;

@@ -35,6 +35,7 @@ __all__ = [
     "image_class",
     "own_masks",
     "segmenter_masks",
+    "vote_entries",
 ]
 
 MaskFn = Callable[[np.ndarray], tuple[np.ndarray, list[np.ndarray], np.ndarray]]
@@ -135,6 +136,23 @@ def image_class(
     counts = np.array([np.count_nonzero(votes == c) for c in candidates])
     best = np.lexsort((-counts, -sums))[0]  # the last key is the primary one
     return int(candidates[best])
+
+
+def vote_entries(entries: Sequence[Detections], min_score: float = 0.25) -> list[Detections]:
+    """Every entry relabelled to the class :func:`image_class` votes over all of them together
+    (the class vote *before* WBF: ``predict.vote_before_wbf``). Boxes and scores are unchanged;
+    without any detection the entries are returned as they are.
+
+    Args:
+        entries: one :class:`Detections` per (branch, view) of one image.
+    """
+    entries = list(entries)
+    if not any(len(e) for e in entries):
+        return entries
+    label = image_class(
+        np.concatenate([e.labels for e in entries]), np.concatenate([e.scores for e in entries]), min_score
+    )
+    return [Detections(e.boxes, e.scores, np.full(len(e), label, dtype=np.int64)) for e in entries]
 
 
 def _select(dets: Detections, opts: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:

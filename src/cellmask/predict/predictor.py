@@ -36,6 +36,7 @@ from cellmask.predict.pipeline import (
     ProbabilityStore,
     finish_detections,
     segmenter_masks,
+    vote_entries,
 )
 from cellmask.predict.runs import RunSpec, load_run_model, resolve_run
 from cellmask.predict.tta import Detections, run_detector, views_for
@@ -243,6 +244,7 @@ class Predictor:
         image_size: tuple[int, int],
         branches: Sequence[str] | None = None,
         tta: bool | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> Detections:
         """WBF of one image's raw detections: each (branch, view) is one WBF model entry carrying
         the branch's weight (:mod:`cellmask.predict.fusion`).
@@ -251,8 +253,12 @@ class Predictor:
             raw: from :meth:`detect_raw`.
             branches: the branches to fuse (default: all in ``raw``).
             tta: use the flipped views (default: ``predict.tta``); ``False`` uses view 0 only.
+            options: resolved predict options (default this predictor's); with ``class_vote``
+                and ``vote_before_wbf`` every entry is relabelled to the image's class first
+                (:func:`~cellmask.predict.pipeline.vote_entries`).
         """
-        tta = bool(self.options["tta"]) if tta is None else tta
+        opts = self.options if options is None else options
+        tta = bool(opts["tta"]) if tta is None else tta
         n_views = len(views_for(tta))
         entries, weights = [], []
         for b in self.branches:
@@ -265,7 +271,9 @@ class Predictor:
                 )
             entries.extend(views)
             weights.extend([b.weight] * len(views))
-        wbf = self.options["wbf"]
+        if opts["class_vote"] and opts["vote_before_wbf"]:
+            entries = vote_entries(entries, float(opts["vote_min_score"]))
+        wbf = opts["wbf"]
         with self._timed("wbf"):
             return fuse_detections(
                 entries, weights, image_size, wbf["iou_thr"], wbf["skip_box_thr"], wbf["conf_type"]
