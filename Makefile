@@ -58,13 +58,20 @@ ablation-real: setup
 	@test -f $(DEMO_REAL)/summary.json || { echo "make ablation-real: no make demo-real run in $(DEMO_REAL) (looked for $(DEMO_REAL)/summary.json); run make demo-real first"; exit 2; }
 	$(BIN)/cellmask demo --ablation --data $(DATA) --profile cpu --from-runs $(DEMO_REAL) --out runs/levers_real --ablation-md benchmarks/REAL_LEVERS.md
 
+# The whole suite, and beside it (on the core it leaves idle: most tests use one thread) the tests
+# whose outcome rests on float kernels (marked `numerics`: trained models, autocast, interpolation)
+# again under each of torch's kernel paths in CAPABILITIES that is not this CPU's own (the suite
+# itself runs that one), so a kernel-path difference between CPUs shows on any machine.
 test: setup
-	$(BIN)/python -m pytest -q
+	@mkdir -p build; native=$$($(BIN)/python -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())"); \
+	others=""; for cap in $(CAPABILITIES); do [ "$$cap" = "$$native" ] || others="$$others $$cap"; done; \
+	echo "== the suite on this CPU's $$native kernels; the numerics tests beside it under:$$others"; \
+	$(MAKE) -s test-numerics CAPABILITIES="$$others" > build/numerics.log 2>&1 & npid=$$!; \
+	$(BIN)/python -m pytest -q; status=$$?; \
+	wait $$npid || status=1; cat build/numerics.log; exit $$status
 
-# The tests whose outcome rests on float kernels (trained models, autocast, interpolation: marked
-# `numerics`) again under torch's portable and AVX2 kernels, so a kernel-path difference between
-# CPUs shows here on any machine (CI runs it after `make test`). The two runs go side by side
-# (most of these tests use one thread), each with its own temporary folder and log.
+# The `numerics` tests alone under torch's portable and AVX2 kernels, side by side, each with its
+# own temporary folder and log (`make test` runs those that differ from the CPU's own).
 CAPABILITIES ?= default avx2
 test-numerics: setup
 	@mkdir -p build; pids=""; \
@@ -124,15 +131,23 @@ code-dataset: setup
 push-datasets: setup
 	$(KAGGLE) push-datasets $(if $(MSG),--message "$(MSG)") $(if $(ONLY),--only $(ONLY))
 
-# kaggle kernels push of the offline inference kernel (kernel-metadata.json, notebooks/07_inference.ipynb).
+# kaggle kernels push of the offline inference kernel (kernel-metadata.json, notebooks/07_inference.ipynb),
+# once the datasets it attaches are ready (ACCELERATOR=NvidiaTeslaT4: kaggle kernels push --accelerator).
 push: setup
-	$(KAGGLE) push
+	$(KAGGLE) push $(if $(ACCELERATOR),--accelerator $(ACCELERATOR))
 
 # A training notebook as a kernel: make push-train NB=02_finetune_faster_rcnn_swin_t
-# (01_pretrain_livecell: BRANCH=faster_rcnn_swin_t pushes one branch's pretraining).
+# (01_pretrain_livecell: BRANCH=faster_rcnn_swin_t, required, pushes one branch's pretraining).
+# EPOCHS, OVERRIDES (space-separated KEY=VALUE) go into the notebook's parameters; a session
+# stops training at 11.5 h with last.pt written, and RESUME_FROM=<you>/<slug>/<version> pushes a
+# new version that attaches that version's output and continues its run from the next step.
+PUSH_TRAIN_USAGE := usage: make push-train NB=<notebook, e.g. 02_finetune_faster_rcnn_swin_t> [BRANCH=<config>, required for 01] [EPOCHS=N] [RESUME_FROM=<owner>/<kernel slug>/<version>] [OVERRIDES="key=value ..."] [ACCELERATOR=NvidiaTeslaT4]
 push-train: setup
-	@test -n "$(NB)" || { echo "usage: make push-train NB=<notebook, e.g. 02_finetune_faster_rcnn_swin_t> [BRANCH=<config>]"; exit 2; }
-	$(KAGGLE) push-train $(NB) $(if $(BRANCH),--branch $(BRANCH))
+	@test -n "$(NB)" || { echo "$(PUSH_TRAIN_USAGE)"; exit 2; }
+	@case "$(NB)" in *01_pretrain_livecell*) test -n "$(BRANCH)" || { echo "make push-train: 01_pretrain_livecell pushes one branch per kernel: BRANCH is required"; echo "$(PUSH_TRAIN_USAGE)"; exit 2; };; esac
+	$(KAGGLE) push-train $(NB) $(if $(BRANCH),--branch $(BRANCH)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+		$(if $(RESUME_FROM),--resume-from $(RESUME_FROM)) $(if $(OVERRIDES),--overrides $(OVERRIDES)) \
+		$(if $(ACCELERATOR),--accelerator $(ACCELERATOR))
 
 # Download the training kernels' outputs (02-06) into runs/, for make weights.
 pull-runs: setup
@@ -142,6 +157,8 @@ pull-runs: setup
 pull-evaluation: setup
 	$(KAGGLE) pull-evaluation
 
-# Push 07, wait for its run to complete, submit its submission.csv (VERSION=N: submit that version).
+# Push 07 once its datasets are ready, wait for that version's run to complete, submit its
+# submission.csv (VERSION=N: submit that version; ACCELERATOR=..: as for make push).
 submit: setup
-	$(KAGGLE) submit $(if $(MSG),--message "$(MSG)") $(if $(VERSION),--version $(VERSION))
+	$(KAGGLE) submit $(if $(MSG),--message "$(MSG)") $(if $(VERSION),--version $(VERSION)) \
+		$(if $(ACCELERATOR),--accelerator $(ACCELERATOR))

@@ -82,3 +82,51 @@ def tight_boxes() -> Callable[[np.ndarray], np.ndarray]:
         return np.asarray(out, dtype=np.float32).reshape(-1, 4)
 
     return boxes
+
+
+def copy_checkout(tmp_path: Path, datasets_built: bool = True) -> Path:
+    """The parts of the checkout the Kaggle commands read, copied under ``tmp_path/checkout``
+    (staging and the make targets write build/ and datasets/ there). ``datasets_built=False``:
+    the dataset folders hold only their committed files, as before ``make wheels`` / ``make
+    weights``."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path / "checkout"
+    for part in ("configs", "src", "notebooks", "datasets"):
+        shutil.copytree(
+            repo / part, root / part, ignore=shutil.ignore_patterns("__pycache__", "*.whl", "*.pt")
+        )
+    for part in ("kernel-metadata.json", "pyproject.toml", "README.md", "Makefile"):
+        shutil.copy2(repo / part, root / part)
+    if not datasets_built:
+        for name in ("cellmask-weights", "cellmask-wheels", "cellmask-code"):
+            for path in (root / "datasets" / name).iterdir():
+                if path.name not in ("dataset-metadata.json", "base_image.json"):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return root
+
+
+def run_make(checkout: Path, tmp_path: Path, *args: str, **env: str):
+    """``make -s ARGS`` in ``checkout`` (see :func:`copy_checkout`): its venv a wrapper of this
+    interpreter, already "installed" (nothing is installed), and no Kaggle CLI, credentials or
+    kaggle.json; ``env`` added to the environment. Returns the completed process."""
+    import os
+    import subprocess
+    import sys
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    python = venv / "bin" / "python"  # a wrapper: a symlink would lose the venv's site-packages
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    (venv / ".cellmask-installed").touch()
+    src = Path(__file__).resolve().parents[1] / "src"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
+    base |= {"HOME": str(tmp_path / "nohome"), "PYTHONPATH": str(src), "PATH": os.environ["PATH"]}
+    return subprocess.run(
+        ["make", "-s", "-C", str(checkout), *args, f"VENV={venv}"],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+    )

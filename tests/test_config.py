@@ -206,3 +206,15 @@ def test_base_states_exactly_the_keys_the_model_builders_read():
     for name, keys in SECTION_KEYS.items():
         assert set(raw[name]) == set(keys), name
     assert set(raw) == {"type", *SECTION_KEYS}
+
+
+def test_overrides_read_exponent_numbers_as_floats():
+    """YAML 1.1 (PyYAML) reads ``1e-4`` without a dot as a string; ``--set train.lr=1e-4`` means a
+    number (``train.max_hours=1e-9`` was refused as "not a number" before)."""
+    from cellmask.config import parse_overrides
+
+    out = parse_overrides(
+        ["train.lr=1e-4", "train.max_hours=2E1", "train.x=1.5e-3", "train.name=e3", "a.b=1e"]
+    )
+    assert out["train"] == {"lr": 1e-4, "max_hours": 20.0, "x": 1.5e-3, "name": "e3"}
+    assert out["a"]["b"] == "1e"

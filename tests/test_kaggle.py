@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import copy_checkout, run_make
 
 from cellmask.kaggle import api, packaging
 from cellmask.kaggle.__main__ import main
@@ -41,20 +41,14 @@ KERNEL_KEYS = {
     "competition_sources",
     "kernel_sources",
     "model_sources",
+    "docker_image_pinning_type",
 }
 
 
 @pytest.fixture
 def checkout(tmp_path) -> Path:
     """A copy of the checkout's sources (what staging and the make targets read and write)."""
-    root = tmp_path / "checkout"
-    for part in ("configs", "src", "notebooks", "datasets"):
-        shutil.copytree(
-            ROOT / part, root / part, ignore=shutil.ignore_patterns("__pycache__", "*.whl", "*.pt")
-        )
-    for part in ("kernel-metadata.json", "pyproject.toml", "README.md", "Makefile"):
-        shutil.copy2(ROOT / part, root / part)
-    return root
+    return copy_checkout(tmp_path)
 
 
 FAKE_KAGGLE = r"""
@@ -94,7 +88,7 @@ def fake_kaggle(tmp_path, monkeypatch) -> Path:
     exe.chmod(0o755)
     log = tmp_path / "kaggle.log"
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(api, "find_kaggle_cli", lambda: str(exe))  # even where a real one is installed
+    monkeypatch.setattr(api.runner, "find_kaggle_cli", lambda: str(exe))  # even where a real one is installed
     monkeypatch.setenv("FAKE_KAGGLE_LOG", str(log))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("KAGGLE_CONFIG_DIR", raising=False)
@@ -130,6 +124,8 @@ def test_inference_kernel_metadata():
         dataset = json.loads((ROOT / "datasets" / name / "dataset-metadata.json").read_text())
         assert dataset["id"] == source
     assert meta["kernel_sources"] == [] and meta["model_sources"] == []
+    # kaggle CLI: "original" keeps the image of the kernel's first version (wheels built for it)
+    assert meta["docker_image_pinning_type"] == "original"
 
 
 @pytest.mark.parametrize("name", packaging.DATASET_NAMES)
@@ -298,15 +294,17 @@ def test_submit_pushes_waits_and_submits_the_pushed_version(checkout, fake_kaggl
     assert main(["--root", str(checkout), "submit", "--message", "first try", "--poll", "0"]) == 0
     calls = _calls(fake_kaggle)
     folder = str(checkout / "build" / "kaggle" / "kernels" / "cellmask-inference")
-    assert calls[0] == ["kernels", "push", "-p", folder]
+    # first the datasets the kernel attaches, until each is ready (the fake: at once)
+    assert calls[:3] == [["datasets", "status", f"someone/{name}"] for name in packaging.DATASET_NAMES]
+    assert calls[3] == ["kernels", "push", "-p", folder]
     assert (
-        calls[1:4] == [["kernels", "status", "someone/cellmask-inference"]] * 3
-    )  # running, running, complete
-    assert calls[4] == [
+        calls[4:7] == [["kernels", "status", "someone/cellmask-inference/7"]] * 3
+    )  # the pushed version: running, running, complete
+    assert calls[7] == [
         "competitions", "submit", "sartorius-cell-instance-segmentation", "-f", "submission.csv",
         "-k", "someone/cellmask-inference", "-v", "7", "-m", "first try",
     ]  # fmt: skip
-    assert len(calls) == 5
+    assert len(calls) == 8
     assert json.loads(Path(folder, "kernel-metadata.json").read_text())["id"] == "someone/cellmask-inference"
 
 
@@ -368,38 +366,24 @@ def test_push_train_and_missing_setup(checkout, fake_kaggle, monkeypatch, capsys
 
 
 def _make(checkout: Path, tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """``make ARGS`` with the repo's Makefile in ``checkout``, its venv the test's interpreter
-    (a stamp newer than pyproject.toml: nothing is installed), no Kaggle CLI or credentials."""
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True, exist_ok=True)
-    python = venv / "bin" / "python"  # a wrapper: a symlink would lose the venv's site-packages
-    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    python.chmod(0o755)
-    (venv / ".cellmask-installed").touch()
-    base = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
-    base |= {"HOME": str(tmp_path / "nohome"), "PYTHONPATH": str(ROOT / "src"), "PATH": os.environ["PATH"]}
-    return subprocess.run(
-        ["make", "-s", "-C", str(checkout), *args, f"VENV={venv}"],
-        env={**base, **env},
-        capture_output=True,
-        text=True,
-    )
+    return run_make(checkout, tmp_path, *args, **env)
 
 
 def test_make_submit_dry_run_prints_the_real_commands(checkout, tmp_path):
     proc = _make(checkout, tmp_path, "submit", "DRY_RUN=1", KAGGLE_USERNAME="someone")
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
+    assert lines[:3] == [f"$ kaggle datasets status someone/{name}" for name in packaging.DATASET_NAMES]
     assert (
-        lines[0] == "$ kaggle kernels push -p build/kaggle/kernels/cellmask-inference"
+        lines[3] == "$ kaggle kernels push -p build/kaggle/kernels/cellmask-inference"
     )  # from the repo root
-    assert lines[1] == "$ kaggle kernels status someone/cellmask-inference"
-    assert lines[2].startswith(
+    assert lines[4] == "$ kaggle kernels status someone/cellmask-inference/VERSION_OF_THE_PUSH"
+    assert lines[5].startswith(
         "$ kaggle competitions submit sartorius-cell-instance-segmentation -f submission.csv "
-        "-k someone/cellmask-inference -v "
+        "-k someone/cellmask-inference -v VERSION_OF_THE_PUSH "
     )
-    assert " -m 'cellmask " in lines[2]
-    assert len(lines) == 3
+    assert " -m 'cellmask " in lines[5]
+    assert len(lines) == 6
     folder = checkout / "build" / "kaggle" / "kernels" / "cellmask-inference"
     meta = json.loads((folder / "kernel-metadata.json").read_text())
     assert meta["id"] == "someone/cellmask-inference" and meta["enable_internet"] is False
@@ -439,6 +423,58 @@ def test_make_push_train_dry_run(checkout, tmp_path):
     )
     proc = _make(checkout, tmp_path, "push-train", "DRY_RUN=1", KAGGLE_USERNAME="someone")
     assert proc.returncode != 0 and "usage: make push-train NB=" in proc.stdout
+    # 01 without BRANCH would build a four-branch kernel nothing attaches: a usage line instead
+    proc = _make(
+        checkout, tmp_path, "push-train", "NB=01_pretrain_livecell", "DRY_RUN=1", KAGGLE_USERNAME="someone"
+    )
+    assert (
+        proc.returncode != 0
+        and "BRANCH is required" in proc.stdout
+        and "usage: make push-train" in proc.stdout
+    )
+    assert "kaggle kernels push" not in proc.stdout
+
+
+def test_make_push_train_passes_epochs_overrides_and_a_continuation(checkout, tmp_path):
+    from cellmask.kaggle.notebooks import notebook_parameters, read_notebook_json
+
+    proc = _make(
+        checkout, tmp_path, "push-train", "NB=03_finetune_cascade_resnext101", "EPOCHS=3",
+        "RESUME_FROM=someone/k/2", "OVERRIDES=train.lr=1e-4 train.batch_size=4", "DRY_RUN=1",
+        KAGGLE_USERNAME="someone",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "continues someone/k/2" in proc.stdout
+    folder = checkout / "build" / "kaggle" / "kernels" / "cellmask-finetune-cascade-resnext101"
+    params = notebook_parameters(read_notebook_json(folder / "03_finetune_cascade_resnext101.ipynb"))
+    assert params["EPOCHS"] == 3 and params["RESUME_FROM"] == "someone/k/2"
+    assert params["OVERRIDES"] == ["train.lr=1e-4", "train.batch_size=4"]
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
+    # the LIVECell run it fine-tunes from, and the pinned version it continues
+    assert meta["kernel_sources"] == ["someone/cellmask-pretrain-cascade-rcnn-resnext101", "someone/k/2"]
+    # the committed notebook is untouched
+    committed = notebook_parameters(
+        read_notebook_json(checkout / "notebooks" / "03_finetune_cascade_resnext101.ipynb")
+    )
+    assert committed["EPOCHS"] is None and committed["RESUME_FROM"] is None
+
+
+@pytest.mark.parametrize(
+    ("arg", "says"),
+    [
+        ("RESUME_FROM=someone/k", "owner/slug/N"),
+        ("RESUME_FROM=/kaggle/input/k", "owner/slug/N"),
+        ("EPOCHS=0", "EPOCHS must be >= 1"),
+        ("OVERRIDES=train.lr", "KEY.PATH=VALUE"),
+    ],
+)
+def test_make_push_train_refuses_bad_run_options(checkout, tmp_path, arg, says):
+    proc = _make(
+        checkout, tmp_path, "push-train", "NB=02_finetune_faster_rcnn_swin_t", arg, "DRY_RUN=1",
+        KAGGLE_USERNAME="someone",
+    )  # fmt: skip
+    assert proc.returncode != 0 and says in proc.stderr
+    assert "kaggle kernels push" not in proc.stdout
 
 
 def test_make_pull_runs_dry_run(checkout, tmp_path):

@@ -333,7 +333,8 @@ def test_kernel_distributions_are_the_image_and_the_wheels_with_their_dependenci
 def test_notebook_paths_in_a_checkout(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT / "notebooks")
     monkeypatch.delenv("CELLMASK_DATA", raising=False)
-    paths = session.notebook_paths(out=tmp_path / "out")
+    nothing = tmp_path / "no-input"  # not on Kaggle
+    paths = session.notebook_paths(out=tmp_path / "out", input_root=nothing)
     assert paths.configs == ROOT / "configs" and paths.data == ROOT / "data" / "synthetic"
     assert paths.out.is_dir() and paths.run("livecell", "x") == tmp_path / "out" / "livecell" / "x"
     assert paths.config("faster_rcnn_swin_t") == ROOT / "configs" / "faster_rcnn_swin_t.yaml"
@@ -341,17 +342,24 @@ def test_notebook_paths_in_a_checkout(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="available: .*faster_rcnn_swin_t"):
         paths.config("nope")
     monkeypatch.chdir(tmp_path)  # outside a checkout, no code dataset
-    outside = session.notebook_paths(data=tmp_path, out=tmp_path / "o")
-    if not session.CODE_DATASET.is_dir():
-        assert outside.configs is None
-        with pytest.raises(FileNotFoundError, match="attach the cellmask-code dataset"):
-            outside.config("faster_rcnn_swin_t")
+    outside = session.notebook_paths(data=tmp_path, out=tmp_path / "o", input_root=nothing)
+    assert outside.configs is None
+    with pytest.raises(FileNotFoundError, match=r"configs/ \+ src/cellmask.*attach the cellmask-code"):
+        outside.config("faster_rcnn_swin_t")
+    code = tmp_path / "input" / "datasets" / "me" / "cellmask-code"  # Kaggle's newer layout
+    (code / "src" / "cellmask").mkdir(parents=True)
+    (code / "configs").mkdir()
+    on_kaggle = session.notebook_paths(data=tmp_path, out=tmp_path / "o", input_root=tmp_path / "input")
+    assert on_kaggle.configs == code / "configs"
 
 
 def test_find_input_tries_roots_in_order(tmp_path):
-    first, second = tmp_path / "a", tmp_path / "b"
-    for root in (first, second):
+    first, second, kernels = tmp_path / "a", tmp_path / "b", tmp_path / "input" / "notebooks" / "me"
+    for root in (first, second, kernels / "k"):
         (root / "livecell" / "x").mkdir(parents=True)
+    (kernels / "k" / "livecell" / "x" / "best.pt").write_bytes(b"")  # an input: tried last
+    found = session.find_input("livecell/x/best.pt", roots=[first, second], input_root=tmp_path / "input")
+    assert found == kernels / "k" / "livecell" / "x" / "best.pt"
     (second / "livecell" / "x" / "best.pt").write_bytes(b"")
     assert (
         session.find_input("livecell/x/best.pt", roots=[first, second])
@@ -362,7 +370,7 @@ def test_find_input_tries_roots_in_order(tmp_path):
         session.find_input("livecell/x/best.pt", roots=[first, second])
         == first / "livecell" / "x" / "best.pt"
     )
-    assert session.find_input("livecell/y/best.pt", roots=[first, second]) is None
+    assert session.find_input("livecell/y/best.pt", roots=[first, second], input_root=tmp_path) is None
 
 
 def test_stage_config_pretrains_soft_teacher_as_its_plain_detector(tmp_path):
@@ -420,7 +428,7 @@ def test_download_data_unpacks_the_zip_and_says_where(tmp_path, monkeypatch, cap
     exe = tmp_path / "kaggle"
     exe.write_text(f"#!{sys.executable}\n{FAKE_DOWNLOAD}")
     exe.chmod(0o755)
-    monkeypatch.setattr(api, "find_kaggle_cli", lambda: str(exe))
+    monkeypatch.setattr(api.runner, "find_kaggle_cli", lambda: str(exe))
     monkeypatch.setenv("KAGGLE_USERNAME", "someone")
     monkeypatch.setenv("KAGGLE_KEY", "secret")
     target = tmp_path / "sartorius"
@@ -435,7 +443,7 @@ def test_download_data_unpacks_the_zip_and_says_where(tmp_path, monkeypatch, cap
 
 
 def test_download_data_without_the_cli_says_how_to_install_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(api, "find_kaggle_cli", lambda: None)
+    monkeypatch.setattr(api.runner, "find_kaggle_cli", lambda: None)
     assert kaggle_main(["download-data", "--dir", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert "`kaggle` command is not installed" in err and ".venv/bin/pip install kaggle" in err

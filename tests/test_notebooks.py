@@ -136,14 +136,19 @@ def test_notebook_is_committed_clean(name):
 @pytest.mark.parametrize("name", EXPECTED)
 def test_notebook_parameters_default_to_kaggle(name):
     params = notebook_parameters(read_notebook(NOTEBOOK_DIR / f"{name}.ipynb"))
-    # paths default to None (resolved by cellmask.kaggle.session: Kaggle's input on Kaggle) or
-    # to a Kaggle input folder; nothing points at a developer's machine
+    # paths default to None: found under /kaggle/input in either input layout (old: <slug>/; new:
+    # competitions/, datasets/<owner>/, notebooks/<owner>/) by cellmask.kaggle.inputs, or (the
+    # wheels, before cellmask is installed) by the install cell; no input path is spelled out
     assert params["DATA"] is None and params["OUT"] is None
-    assert params["WHEELS"] == "/kaggle/input/cellmask-wheels"
+    assert params["WHEELS"] is None
+    assert params.get("WEIGHTS") is None and params.get("CONFIGS") is None
     for key, value in params.items():
-        if isinstance(value, str) and "/" in value:
-            assert value.startswith("/kaggle/input/"), (key, value)
+        assert not (isinstance(value, str) and "/" in value), (key, value)
     assert params.get("PROFILE", "paper") == "paper"
+    # the fine-tuning notebooks start from the LIVECell run, unless told otherwise on purpose
+    assert params.get("FROM_IMAGENET", False) is False
+    if name.startswith(("02", "03", "04", "05")):
+        assert params["INIT"] is None and "FROM_IMAGENET" in params
 
 
 # ------------------------------------------------------------------------------ execution

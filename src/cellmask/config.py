@@ -20,6 +20,7 @@ Merging is recursive for mappings; any other value (lists included) replaces the
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,13 @@ def add_override_argument(parser: Any, help: str, metavar: str = "KEY=VALUE") ->
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar, help=help)
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_overrides(items: Iterable[str]) -> Config:
-    """``["train.epochs=3", "model.mask.enabled=true"]`` -> a nested mapping (values parsed as YAML)."""
+    """``["train.epochs=3", "model.mask.enabled=true"]`` -> a nested mapping (values parsed as
+    YAML, except that a number in exponent form without a dot, ``1e-4``, is a float, not YAML
+    1.1's string)."""
     out: Config = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -132,6 +138,8 @@ def parse_overrides(items: Iterable[str]) -> Config:
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ValueError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; a user means 0.0001
         node = out
         *parents, leaf = key.strip().split(".")
         for part in parents:

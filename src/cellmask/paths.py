@@ -9,7 +9,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-KAGGLE_COMPETITION_ROOT = Path("/kaggle/input/sartorius-cell-instance-segmentation")
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_COMPETITION_ROOT = KAGGLE_INPUT / "sartorius-cell-instance-segmentation"
+"""Where the old input layout mounts the competition (the newer one mounts it under
+``competitions/``): :func:`default_data_root` finds either with :mod:`cellmask.kaggle.inputs`."""
 KAGGLE_WORKING = Path("/kaggle/working")
 DATA_ENV = "CELLMASK_DATA"
 LOCAL_DEFAULT_ROOT = Path("data/synthetic")
@@ -17,15 +20,23 @@ LOCAL_DEFAULT_ROOT = Path("data/synthetic")
 
 def on_kaggle() -> bool:
     """True inside a Kaggle kernel (its input folder exists)."""
-    return Path("/kaggle/input").is_dir()
+    return KAGGLE_INPUT.is_dir()
 
 
-def default_data_root() -> Path:
-    """``$CELLMASK_DATA`` if set, else Kaggle's competition folder on Kaggle, else ``data/synthetic``."""
+def default_data_root(input_root: Path = KAGGLE_INPUT) -> Path:
+    """``$CELLMASK_DATA`` if set, else (on Kaggle: ``input_root`` exists) the competition's
+    folder found under it in either input layout, else ``data/synthetic``.
+
+    Raises:
+        cellmask.kaggle.inputs.InputNotFound: on Kaggle, no competition data is attached (the
+            message lists what was looked for and what the input folder holds).
+    """
     if env := os.environ.get(DATA_ENV):
         return Path(env)
-    if KAGGLE_COMPETITION_ROOT.is_dir():
-        return KAGGLE_COMPETITION_ROOT
+    if input_root.is_dir():
+        from cellmask.kaggle.inputs import competition_root
+
+        return competition_root(input_root)
     return LOCAL_DEFAULT_ROOT
 
 

@@ -50,14 +50,23 @@ def read_rows_csv(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def keep_epochs_csv(path: str | Path, last_epoch: int) -> None:
+def keep_epochs_csv(path: str | Path, last_epoch: int, before_iteration: int | None = None) -> None:
     """Drop the rows of a per-step or per-epoch CSV whose ``epoch`` is after ``last_epoch``
-    (what a resumed run rewrites); nothing happens when the file does not exist."""
+    (what a resumed run rewrites), except, with ``before_iteration``, the per-step rows of
+    iterations before it (a run resumed inside an epoch keeps that epoch's steps done); nothing
+    happens when the file does not exist."""
     path = Path(path)
     if not path.is_file():
         return
     rows = read_rows_csv(path)
-    kept = [row for row in rows if int(row["epoch"]) <= last_epoch]
+    kept = [
+        row
+        for row in rows
+        if int(row["epoch"]) <= last_epoch
+        or (
+            before_iteration is not None and row.get("iteration") and int(row["iteration"]) < before_iteration
+        )
+    ]
     if len(kept) != len(rows):
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=_header(path) or _columns(rows))

@@ -12,6 +12,7 @@ epochs (``persistent_workers``), and with them each worker's image cache.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -34,17 +35,22 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __init__(self, sampler: Sampler[int] | Iterable[int]) -> None:
         self.sampler = sampler
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Set the epoch; ``skip``: leave out this epoch's first ``skip`` indices (a run resumed
+        inside the epoch: the indices after them are the ones an uninterrupted pass yields)."""
         self.epoch = int(epoch)
+        self.skip = max(int(skip), 0)
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(self.epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
-        return ((epoch, int(index)) for index in self.sampler)
+        return ((epoch, int(index)) for index in itertools.islice(self.sampler, self.skip, None))
 
     def __len__(self) -> int:
+        # the whole epoch's, skip or not: what a run counts its iterations per epoch by
         return len(self.sampler)  # type: ignore[arg-type]
 
 
@@ -132,20 +138,34 @@ def build_eval_loader(
     )
 
 
-def set_loader_epoch(loader: Iterable, epoch: int, seed: int, rank: int = 0) -> None:
+def set_loader_epoch(loader: Iterable, epoch: int, seed: int, rank: int = 0, skip_batches: int = 0) -> bool:
     """Set the epoch of ``loader``'s sampler(s) (order and, for :func:`build_train_loader`'s
     loaders, every item's augmentation); a loader built with a ``generator`` (worker seeds of a
-    plain DataLoader) has it re-seeded from ``(seed, epoch, rank)``."""
-    for obj in (
-        getattr(loader, "sampler", None),
-        getattr(loader, "batch_sampler", None),
-        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    plain DataLoader) has it re-seeded from ``(seed, epoch, rank)``.
+
+    ``skip_batches``: the epoch starts after its first ``skip_batches`` batches (a run resumed
+    inside an epoch). Returns whether the loader's :class:`EpochSampler` leaves them out (nothing
+    is read); ``False``: the caller must skip them itself (an :class:`EpochSampler`-less loader).
+    """
+    skipped = skip_batches == 0
+    for obj in dict.fromkeys(
+        o
+        for o in (
+            getattr(loader, "sampler", None),
+            getattr(loader, "batch_sampler", None),
+            getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+        )
+        if o is not None
     ):
-        if obj is not None and hasattr(obj, "set_epoch"):
+        if isinstance(obj, EpochSampler) and getattr(loader, "batch_size", None):
+            obj.set_epoch(epoch, skip_batches * int(loader.batch_size))  # type: ignore[attr-defined]
+            skipped = True
+        elif hasattr(obj, "set_epoch"):
             obj.set_epoch(epoch)
     generator = getattr(loader, "generator", None)
     if isinstance(generator, torch.Generator):
         generator.manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
+    return skipped
 
 
 def move_to_device(obj: Any, device: torch.device) -> Any:

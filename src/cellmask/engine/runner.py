@@ -4,22 +4,29 @@ train one epoch, validate, record, save; and stop early when the wall-clock budg
 
 The budget: counted from the start of each :func:`fit` call (a resumed run gets a fresh one) and
 checked after every iteration (jointly by every rank under DDP:
-:meth:`~cellmask.engine.loop.WallClockBudget.passed`). The iteration that passes it is the last:
-the cut epoch is closed as any epoch (its row gets ``stopped="max_hours"`` and ``iters``, the
-iterations it ran; validated whatever ``train.val_every`` says, so ``best.pt`` exists;
-``steps.csv``, ``last.pt``, ``epoch_XXX.pt``, ``metrics.csv`` written) and :func:`fit` returns
-with ``stopped="max_hours"``. The cut epoch counts as done: the schedule is advanced over its
-iterations left (as over skipped steps: the schedule follows the iteration count), and a
-``resume=True`` run starts with the next epoch (the cut epoch's remaining batches are not seen).
+:meth:`~cellmask.engine.loop.WallClockBudget.passed`). The iteration that passes it is the last
+of the session: the cut epoch's row gets ``stopped="max_hours"`` and ``iters`` (the epoch's
+iterations done so far), it is validated whatever ``train.val_every`` says (so ``best.pt``
+exists), ``steps.csv``, ``last.pt``, ``epoch_XXX.pt`` and ``metrics.csv`` are written, and
+:func:`fit` returns with ``stopped="max_hours"``.
+
+``last.pt`` then records where the run stands inside the epoch (``epoch``: epochs complete,
+``iteration``: iterations done of the next) with the RNG states of the moment of the cut (taken
+before the cut's validation), and the schedule stays where the iterations left it. A
+``resume=True`` run continues with the cut epoch's next batch (the loader's
+:class:`~cellmask.engine.loaders.EpochSampler` leaves out the batches done, and every batch
+depends only on ``(seed, epoch)``), so a run cut any number of times ends bit-exactly as an
+uninterrupted one; the resumed epoch's row replaces the cut row (its ``train_*`` means cover the
+iterations of that session, ``resumed_at`` says from which).
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +89,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     start_epoch: int = 0
+    start_iteration: int = 0
     init_report: InitReport | None = None
     budget: WallClockBudget | None = None
     stopped: str | None = None
@@ -132,7 +140,7 @@ def fit(
             uses ``cuda:LOCAL_RANK``).
 
     ``cfg.train.max_hours`` (hours, from this call's start; null or 0: none) ends training after
-    the iteration that passes it, the cut epoch closed and saved (module docstring).
+    the iteration that passes it; ``resume=True`` continues from the next (module docstring).
 
     Returns:
         ``{"history": [row per epoch], "best": {"epoch", "metric", "value"} | None,
@@ -158,18 +166,22 @@ def fit(
     open_run(run)
     for epoch in range(run.start_epoch, run.total_epochs):
         started = time.perf_counter()
-        row, steps = train_epoch(run, train_loader, epoch)
+        start = run.start_iteration if epoch == run.start_epoch else 0
+        row, steps = train_epoch(run, train_loader, epoch, start)
         cut = row.get("stopped") is not None
+        inside = cut and int(row["iters"]) < run.iters_per_epoch  # the cut left batches of this epoch
+        states = gather_objects(rng_state(), run.info) if cut else None  # before the cut's validation
         row.update(validate(run, val_fn, epoch, force=cut))
         row["time_s"] = round(time.perf_counter() - started, 3)
-        save_epoch(run, row, steps, is_best=record_epoch(run, row))
+        is_best = record_epoch(run, row)
+        save_epoch(run, row, steps, is_best, rng=states, iteration=int(row["iters"]) if inside else 0)
         if cut:
             run.stopped = str(row["stopped"])
             if run.info.is_main:
                 then = (
-                    f"resume=True continues with epoch {epoch + 2}"
-                    if epoch + 1 < run.total_epochs
-                    else "no epoch left"
+                    f"resume=True continues with epoch {epoch + 1}, iteration {int(row['iters']) + 1}"
+                    if inside
+                    else f"resume=True continues with epoch {epoch + 2}"
                 )
                 log.warning(
                     "stopped: %s (%.4g h budget spent after %.4g h) in epoch %d/%d after %d/%d "
@@ -248,17 +260,25 @@ def restore(run: Run, ignored_init: str | Path | None = None) -> None:
         if ckpt.get("scaler") and run.scaler.is_enabled():
             run.scaler.load_state_dict(ckpt["scaler"])
         run.start_epoch = int(ckpt["epoch"])
-        run.history = [dict(row) for row in ckpt.get("history", [])]
+        run.start_iteration = int(ckpt.get("iteration") or 0)
+        run.history = [dict(row) for row in ckpt.get("history", []) if int(row["epoch"]) <= run.start_epoch]
         run.best = dict(ckpt["best"]) if ckpt.get("best") else None
         states = ckpt["rng"]
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot resume from it ({exc})") from exc
     set_rng_state(states[run.info.rank] if len(states) == run.info.world_size else states[0])
     if run.info.is_main:
-        keep_epochs_csv(run.out_dir / "steps.csv", run.start_epoch)
+        keep_epochs_csv(
+            run.out_dir / "steps.csv",
+            run.start_epoch,
+            before_iteration=run.start_epoch * run.iters_per_epoch + run.start_iteration,
+        )
     if ignored_init is not None:
         log.info("resuming: --init %s ignored (weights come from last.pt)", ignored_init)
-    log.info("resumed from %s after epoch %d", path, run.start_epoch)
+    log.info(
+        "resumed from %s after epoch %d%s", path, run.start_epoch,
+        f" and {run.start_iteration} iterations of the next" if run.start_iteration else "",
+    )  # fmt: skip
 
 
 def open_run(run: Run) -> None:
@@ -277,22 +297,25 @@ def open_run(run: Run) -> None:
         save_config(run.cfg, run.out_dir / "config.yaml")
 
 
-def train_epoch(run: Run, loader: Iterable[Batch], epoch: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One epoch of training: ``(epoch row, per-step rows of every rank)``.
+def train_epoch(
+    run: Run, loader: Iterable[Batch], epoch: int, start: int = 0
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One epoch of training from its iteration ``start`` (a run resumed inside the epoch):
+    ``(epoch row, per-step rows of every rank)``.
 
     The row holds ``epoch`` (1-based), ``train_<key>`` means over every rank's steps,
-    ``train_skipped_steps`` and ``lr``; the step rows are sorted by iteration, then rank. When
-    the run's budget ended the epoch (and not at the run's very end) the row also holds
-    ``stopped="max_hours"`` and ``iters`` (the iterations run), and the scheduler is stepped over
-    the epoch's iterations left.
+    ``train_skipped_steps`` and ``lr`` (and ``resumed_at``: ``start``, when not 0). When the
+    run's budget ended the session (and not at the run's very end) the row also holds
+    ``stopped="max_hours"`` and ``iters`` (the epoch's iterations done, ``start`` included).
     """
     info = run.info
-    set_loader_epoch(loader, epoch, int(run.tcfg["seed"]), info.rank)
+    if not set_loader_epoch(loader, epoch, int(run.tcfg["seed"]), info.rank, skip_batches=start):
+        loader = itertools.islice(loader, start, None)  # no EpochSampler: read and drop the batches done
     mine: list[dict[str, Any]] = []
     stats = train_one_epoch(
         run.step or TrainStep(run.model), loader, run.optimizer, run.scheduler, run.scaler,
         device=info.device, cfg=run.cfg, epoch=epoch, guard=run.guard, info=info,
-        start_iteration=epoch * run.iters_per_epoch, steps=mine, budget=run.budget,
+        start_iteration=epoch * run.iters_per_epoch + start, steps=mine, budget=run.budget,
     )  # fmt: skip
     steps = sorted(
         (row for rows in gather_objects(mine, info) for row in rows),
@@ -302,15 +325,13 @@ def train_epoch(run: Run, loader: Iterable[Batch], epoch: int) -> tuple[dict[str
     row.update({f"train_{k}": v for k, v in epoch_means(steps).items()})
     row["train_skipped_steps"] = stats["skipped_steps"]  # the same on every rank (decided jointly)
     row["lr"] = stats["lr"]
-    iters = int(stats["iters"])
-    finished = epoch + 1 == run.total_epochs and iters >= run.iters_per_epoch
+    if start:
+        row["resumed_at"] = start
+    done = start + int(stats["iters"])
+    finished = epoch + 1 == run.total_epochs and done >= run.iters_per_epoch
     if stats["stopped"] and not finished:  # decided jointly: the same on every rank
         row["stopped"] = STOPPED_MAX_HOURS
-        row["iters"] = iters
-        with warnings.catch_warnings():  # the cut epoch's iterations left count as skipped ones
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-            for _ in range(run.iters_per_epoch - iters):
-                run.scheduler.step()
+        row["iters"] = done
     return row, steps
 
 
@@ -348,13 +369,26 @@ def record_epoch(run: Run, row: dict[str, Any]) -> bool:
     return True
 
 
-def save_epoch(run: Run, row: dict[str, Any], steps: list[dict[str, Any]], is_best: bool) -> None:
+def save_epoch(
+    run: Run,
+    row: dict[str, Any],
+    steps: list[dict[str, Any]],
+    is_best: bool,
+    rng: list[Any] | None = None,
+    iteration: int = 0,
+) -> None:
     """Write the epoch (rank 0; every rank hands over its RNG states): ``steps.csv`` rows,
     ``last.pt``, ``epoch_XXX.pt`` when due or the run stops there (older ones pruned),
     ``best.pt`` when ``is_best``,
-    ``metrics.csv`` and ``metrics.png``; then wait for every rank."""
+    ``metrics.csv`` and ``metrics.png``; then wait for every rank.
+
+    Args:
+        rng: every rank's RNG states to save (default: taken now).
+        iteration: > 0 when the epoch was cut before its end: ``last.pt`` then records
+            ``epoch - 1`` epochs complete and ``iteration`` iterations of this one done.
+    """
     info, out_dir, tcfg = run.info, run.out_dir, run.tcfg
-    states = gather_objects(rng_state(), info)
+    states = rng if rng is not None else gather_objects(rng_state(), info)
     epoch = int(row["epoch"])
     if info.is_main:
         append_rows_csv(steps, out_dir / "steps.csv")  # before last.pt: a resume drops rows past it
@@ -363,7 +397,8 @@ def save_epoch(run: Run, row: dict[str, Any], steps: list[dict[str, Any]], is_be
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(),
-            "epoch": epoch,
+            "epoch": epoch - 1 if iteration else epoch,
+            "iteration": int(iteration),
             "config": run.cfg,
             "history": run.history,
             "best": run.best,

@@ -2,10 +2,14 @@
 
 - :mod:`cellmask.kaggle.notebooks`: committed notebooks stay clean (no outputs, canonical
   metadata) and take their parameters from one tagged cell (``make notebooks-clean``).
+- :mod:`cellmask.kaggle.inputs`: what a kernel reads under ``/kaggle/input``, found by marker
+  files in both layouts Kaggle mounts (``<slug>/``; ``competitions/``, ``datasets/<owner>/``,
+  ``notebooks/<owner>/``), and the run a continuation resumes.
 - :mod:`cellmask.kaggle.session`: what the notebooks call: paths on Kaggle and in a checkout,
-  one training stage, small tables and figures.
+  one training stage (on Kaggle within the session's 11.5 hours), small tables and figures.
 - :mod:`cellmask.kaggle.packaging`: kernel folders, the weights / wheels / code datasets.
-- :mod:`cellmask.kaggle.api`: the ``kaggle`` CLI (user name, credentials, dry runs, polling).
+- :mod:`cellmask.kaggle.api`: the ``kaggle`` CLI (user name, credentials, dry runs, the error
+  texts it prints at exit status 0, polling one kernel version, waiting for datasets).
 - :mod:`cellmask.kaggle.data`: the competition data downloaded and unpacked (``make data``).
 - ``python -m cellmask.kaggle``: the commands behind ``make wheels``, ``make weights``,
   ``make push-datasets``, ``make push``, ``make push-train``, ``make submit`` and ``make data``.

@@ -8,7 +8,8 @@
     make code-dataset         code-dataset
     make push-datasets        push-datasets [--message MSG]
     make push                 push              (the offline inference kernel)
-    make push-train NB=..     push-train NB [--branch CONFIG]
+    make push-train NB=..     push-train NB [--branch CONFIG] [--epochs N] [--resume-from OWNER/SLUG/N]
+                              [--overrides KEY=VALUE ...] [--accelerator NAME]
     make pull-runs            pull-runs         (the training kernels' outputs into runs/)
     make pull-evaluation      pull-evaluation   (08's output: the ablation and tuned.predict.yaml)
     make submit               submit [--message MSG] [--version N]
@@ -113,35 +114,76 @@ def cmd_code_dataset(args: argparse.Namespace, runner: KaggleRunner) -> int:
 
 
 def cmd_push_datasets(args: argparse.Namespace, runner: KaggleRunner) -> int:
+    """Version (or create) each dataset. A real run uploads nothing while a dataset folder is
+    empty; a dry run previews every dataset's commands anyway, with a note saying what fills it."""
     user = _user(args)
     message = args.message or default_message(args.root)
     packaging.build_code_dataset(args.root)
-    for name in args.only or packaging.DATASET_NAMES:
-        folder = packaging.stage_dataset(name, user, args.root)
+    names = args.only or packaging.DATASET_NAMES
+    folders: dict[str, Path] = {}
+    empty: dict[str, str] = {}
+    for name in names:  # every folder first: a real run uploads nothing while one is empty
+        try:
+            folders[name] = packaging.stage_dataset(name, user, args.root)
+        except DataError as exc:
+            empty[name] = str(exc)
+    if empty and not runner.dry_run:
+        raise DataError("; ".join(empty.values()) + " (nothing was uploaded)")
+    for name in names:
+        if name in empty:  # dry run: what a run would do once the folder is filled
+            runner.note(f"{empty[name]}; a real run stops here, once it is filled it runs:")
+        folder = folders.get(name, args.root / packaging.BUILD_DIR / "datasets" / name)
         dataset_id = packaging.dataset_metadata(name, user, args.root)["id"]
         api.push_dataset(runner, dataset_id, folder, message)
+    runner.note(
+        "make push / make submit wait until Kaggle has processed them (kaggle datasets status: ready)"
+    )
     return 0
 
 
 def _push(
-    spec: packaging.KernelSpec, args: argparse.Namespace, runner: KaggleRunner, user: str
+    spec: packaging.KernelSpec,
+    args: argparse.Namespace,
+    runner: KaggleRunner,
+    user: str,
+    wait_datasets: bool = False,
 ) -> int | None:
+    """Stage and push ``spec`` (``--accelerator`` checked first); with ``wait_datasets``, first
+    wait until Kaggle has processed each dataset its staged metadata attaches."""
+    accelerator = api.check_accelerator(args.accelerator) if args.accelerator else None
     folder = packaging.stage_kernel(spec, user, args.root)
     where = "internet off" if not spec.enable_internet else "internet on"
     runner.note(
-        f"{user}/{spec.slug}: {spec.notebook}.ipynb ({where}, GPU {'on' if spec.enable_gpu else 'off'})"
+        f"{user}/{spec.slug}: {spec.notebook}.ipynb ({where}, GPU {'on' if spec.enable_gpu else 'off'}"
+        + (f", accelerator {accelerator})" if accelerator else ")")
     )
-    return api.push_kernel(runner, folder)
+    if wait_datasets:
+        sources = packaging.read_json(folder / packaging.KERNEL_METADATA).get("dataset_sources", [])
+        api.wait_for_datasets(runner, sources, poll_s=args.poll)
+    return api.push_kernel(runner, folder, accelerator)
 
 
 def cmd_push(args: argparse.Namespace, runner: KaggleRunner) -> int:
-    _push(packaging.kernel_spec(packaging.INFERENCE_NOTEBOOK, root=args.root), args, runner, _user(args))
+    """Push the inference kernel once the datasets it attaches are ready on Kaggle."""
+    spec = packaging.kernel_spec(packaging.INFERENCE_NOTEBOOK, root=args.root)
+    _push(spec, args, runner, _user(args), wait_datasets=True)
     return 0
 
 
 def cmd_push_train(args: argparse.Namespace, runner: KaggleRunner) -> int:
+    """Push a training notebook (01: one branch) with the run's EPOCHS / OVERRIDES / RESUME_FROM;
+    a continuation attaches the version it continues (:func:`packaging.with_run_options`)."""
     notebook = Path(args.notebook).stem  # NB=notebooks/02_....ipynb works too
-    _push(packaging.kernel_spec(notebook, args.branch, root=args.root), args, runner, _user(args))
+    if notebook == packaging.PRETRAIN_NOTEBOOK and not args.branch:
+        raise ValueError(
+            f"{notebook} pretrains one branch per kernel: usage: make push-train NB={notebook} "
+            f"BRANCH=<one of {', '.join(packaging.BRANCH_CONFIGS)}> [EPOCHS=N] [RESUME_FROM=owner/slug/N]"
+        )
+    spec = packaging.kernel_spec(notebook, args.branch, root=args.root)
+    spec = packaging.with_run_options(spec, args.epochs, args.resume_from, args.overrides or ())
+    if spec.sources:
+        runner.note(f"continues {', '.join(spec.sources)}: attached as a kernel source (pinned version)")
+    _push(spec, args, runner, _user(args))
     return 0
 
 
@@ -167,18 +209,23 @@ def cmd_pull_evaluation(args: argparse.Namespace, runner: KaggleRunner) -> int:
 
 
 def cmd_submit(args: argparse.Namespace, runner: KaggleRunner) -> int:
+    """Push 07 once its datasets are ready, wait for that version's run (``USER/SLUG/N``), submit
+    it; with ``--version``, submit that version without pushing."""
     user = _user(args)
     spec = packaging.kernel_spec(packaging.INFERENCE_NOTEBOOK, root=args.root)
     kernel_id = f"{user}/{spec.slug}"
     version: int | str | None = args.version
     if version is None:
-        version = _push(spec, args, runner, user)
-        api.wait_for_kernel(runner, kernel_id, poll_s=args.poll)
+        version = _push(spec, args, runner, user, wait_datasets=True)
         if version is None and not runner.dry_run:
-            raise KaggleCommandError("the push printed no version number; submit it with VERSION=N")
-        version = version if version is not None else "VERSION_OF_THE_PUSH"
+            raise KaggleCommandError(
+                "the push printed no version number, so its run cannot be told from an earlier one; "
+                f"when it is complete (kaggle kernels status {kernel_id}), submit it with VERSION=N"
+            )
         if runner.dry_run:
-            runner.note("the version number is the one `kaggle kernels push` prints")
+            version = "VERSION_OF_THE_PUSH"
+            runner.note(f"{version}: the number `kaggle kernels push` prints")
+        api.wait_for_kernel(runner, kernel_id, poll_s=args.poll, version=version)
     api.submit_kernel(runner, kernel_id, version, args.message or default_message(args.root))
     return 0
 
@@ -227,18 +274,37 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("push-datasets", help="version (or create) the three datasets on Kaggle")
     s.add_argument("--message", default=None)
     s.add_argument("--only", nargs="*", choices=packaging.DATASET_NAMES, default=None)
-    sub.add_parser("push", help="push the offline inference kernel (07_inference)")
+    acc_help = f"kaggle kernels push --accelerator; kaggle 2.2.5 documents {', '.join(api.ACCELERATORS)}"
+    s = sub.add_parser(
+        "push", help="push the offline inference kernel (07_inference) once its datasets are ready"
+    )
+    s.add_argument("--accelerator", default=None, help=acc_help)
+    s.add_argument(
+        "--poll", type=float, default=30.0, help="seconds between dataset status checks (default 30)"
+    )
     s = sub.add_parser("push-train", help="push a training notebook as a kernel")
     s.add_argument("notebook", help="e.g. 02_finetune_faster_rcnn_swin_t")
-    s.add_argument("--branch", default=None, help="01_pretrain_livecell only: one branch config")
+    s.add_argument("--branch", default=None, help="01_pretrain_livecell (required there): one branch config")
+    s.add_argument("--epochs", type=int, default=None, help="the notebook's EPOCHS (default: the config's)")
+    s.add_argument(
+        "--resume-from", default=None, metavar="OWNER/SLUG/N",
+        help="continue the run of that kernel version (attached pinned; its last.pt resumed)",
+    )  # fmt: skip
+    s.add_argument(
+        "--overrides", nargs="*", default=None, metavar="KEY=VALUE", help="the notebook's OVERRIDES"
+    )
+    s.add_argument("--accelerator", default=None, help=acc_help)
     s = sub.add_parser("pull-runs", help="download the training kernels' outputs (their runs)")
     s.add_argument("--out", default="runs", help="default runs/ (then make weights reads runs/sartorius)")
     s = sub.add_parser("pull-evaluation", help="download 08's output (ablation, tuned.predict.yaml)")
     s.add_argument("--out", default="runs", help="default runs/ (the tuned config: runs/evaluate/tune/)")
-    s = sub.add_parser("submit", help="push 07, wait for its run, submit its output")
+    s = sub.add_parser(
+        "submit", help="push 07 once its datasets are ready, wait for that run, submit its output"
+    )
     s.add_argument("--message", default=None, help="default: cellmask <git describe>")
     s.add_argument("--version", default=None, help="submit this kernel version (no push)")
     s.add_argument("--poll", type=float, default=60.0, help="seconds between status checks (default 60)")
+    s.add_argument("--accelerator", default=None, help=acc_help)
     s = sub.add_parser("download-data", help="download and unpack the competition data (make data)")
     s.add_argument(
         "--dir", type=Path, default=data.DEFAULT_DIR, help=f"where to unpack it (default {data.DEFAULT_DIR})"
@@ -251,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runner = KaggleRunner(dry_run=args.dry_run)
     if not args.dry_run:  # dry runs print the plain `kaggle ...` a user would type
-        runner.executable = api.find_kaggle_cli() or "kaggle"
+        runner.executable = api.runner.find_kaggle_cli() or "kaggle"
     try:
         return COMMANDS[args.command](args, runner)
     except (KaggleSetupError, KaggleCommandError, DataError, FileNotFoundError, ValueError, KeyError) as exc:

@@ -46,7 +46,7 @@ def check_cli() -> str:
     Raises:
         KaggleSetupError: not installed (the message says how to install it).
     """
-    cli = api.find_kaggle_cli()
+    cli = api.runner.find_kaggle_cli()
     if cli is None:
         raise KaggleSetupError(
             "the `kaggle` command is not installed (not beside this Python, not on PATH): install it "

@@ -24,11 +24,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cellmask.demo.plan import BRANCHES
 from cellmask.errors import DataError
 from cellmask.kaggle.notebooks import (
     inject_parameters,
@@ -47,6 +48,9 @@ BUILD_DIR = Path("build") / "kaggle"
 WEIGHTS, WHEELS, CODE = "cellmask-weights", "cellmask-wheels", "cellmask-code"
 DATASET_NAMES = (WEIGHTS, WHEELS, CODE)
 INFERENCE_NOTEBOOK = "07_inference"
+PRETRAIN_NOTEBOOK = "01_pretrain_livecell"
+BRANCH_CONFIGS = BRANCHES
+"""The branch configs 01 pretrains, one per kernel."""
 EVALUATE_NOTEBOOK = "08_evaluate"
 BASE_IMAGE = Path(DATASETS_DIR) / WHEELS / "base_image.json"
 CODE_PARTS = ("configs", "src", "notebooks", "pyproject.toml", "README.md")
@@ -105,6 +109,8 @@ class KernelSpec:
         datasets: our dataset names it attaches (``USER/<name>`` once filled).
         kernels: slugs of our kernels whose output it reads (mounted under ``/kaggle/input``).
         parameters: values injected into the notebook's parameters cell when pushed.
+        sources: more kernel sources as given (``owner/slug/N``: a continuation's previous
+            version, :func:`with_run_options`).
     """
 
     notebook: str
@@ -114,6 +120,7 @@ class KernelSpec:
     datasets: tuple[str, ...] = (WHEELS, CODE)
     kernels: tuple[str, ...] = ()
     parameters: dict[str, Any] = field(default_factory=dict)
+    sources: tuple[str, ...] = ()
 
     @property
     def title(self) -> str:
@@ -170,6 +177,47 @@ def kernel_spec(notebook: str, branch: str | None = None, root: str | Path = "."
     return KernelSpec(notebook, slug)
 
 
+def with_run_options(
+    spec: KernelSpec,
+    epochs: int | None = None,
+    resume_from: str | None = None,
+    overrides: Sequence[str] = (),
+) -> KernelSpec:
+    """``spec`` with a training run's options (``make push-train EPOCHS=.. RESUME_FROM=..
+    OVERRIDES=..``) as the notebook's ``EPOCHS``, ``OVERRIDES`` and ``RESUME_FROM`` parameters.
+
+    ``resume_from`` names one version of a kernel, ``owner/slug/N`` (normally an earlier version
+    of this one): it is attached pinned to that version (``kernel_sources``), so its output,
+    ``last.pt`` included, is mounted, and the notebook continues that run from its next step
+    (:func:`cellmask.kaggle.inputs.resume_run`).
+
+    Raises:
+        ValueError: ``epochs`` < 1, an override that is not ``KEY.PATH=VALUE``, or a
+            ``resume_from`` that is not ``owner/slug/N``.
+    """
+    from cellmask.config import parse_overrides
+    from cellmask.kaggle.inputs import parse_kernel_ref
+
+    params, sources = dict(spec.parameters), list(spec.sources)
+    if epochs is not None:
+        if int(epochs) < 1:
+            raise ValueError(f"EPOCHS must be >= 1, got {epochs}")
+        params["EPOCHS"] = int(epochs)
+    if overrides:
+        parse_overrides(overrides)  # a malformed one fails here, not hours later on Kaggle
+        params["OVERRIDES"] = list(overrides)
+    if resume_from:
+        ref = parse_kernel_ref(resume_from)
+        if ref is None or ref[2] is None:
+            raise ValueError(
+                f"RESUME_FROM={resume_from!r}: name the kernel version to continue as owner/slug/N "
+                "(the version whose output holds last.pt; kaggle kernels list --mine shows the slugs)"
+            )
+        params["RESUME_FROM"] = resume_from
+        sources.append(resume_from)
+    return replace(spec, parameters=params, sources=tuple(dict.fromkeys(sources)))
+
+
 def writes_competition_runs(spec: KernelSpec) -> bool:
     """Whether the kernel trains on the competition images (its output holds ``sartorius/<run>/``):
     the fine-tuning notebooks, Soft Teacher and the segmenter."""
@@ -190,7 +238,7 @@ def kernel_metadata(
         enable_gpu=spec.enable_gpu,
         enable_internet=spec.enable_internet,
         dataset_sources=[f"{USER}/{name}" for name in spec.datasets],
-        kernel_sources=[f"{USER}/{slug}" for slug in spec.kernels],
+        kernel_sources=[f"{USER}/{slug}" for slug in spec.kernels] + list(spec.sources),
     )
     return fill_user(meta, user)
 

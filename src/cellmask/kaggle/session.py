@@ -1,10 +1,11 @@
 """What the notebooks share: where inputs and outputs are (Kaggle or a checkout), one training
 stage, and the small tables and figures they show. Model code stays in the rest of cellmask.
 
-On Kaggle the competition is mounted under ``/kaggle/input/sartorius-cell-instance-segmentation``,
-our datasets under ``/kaggle/input/<dataset>`` and the outputs of other kernels under
-``/kaggle/input/<kernel slug>``; a kernel writes to ``/kaggle/working``. From a checkout the same
-notebooks read ``data/synthetic`` (or ``$CELLMASK_DATA``) and ``configs/`` and write ``runs/``.
+On Kaggle the inputs are mounted under ``/kaggle/input`` in one of two layouts (``<slug>/``, or
+``competitions/<competition>/``, ``datasets/<owner>/<slug>/`` and ``notebooks/<owner>/<slug>/``
+for other kernels' outputs); :mod:`cellmask.kaggle.inputs` finds each by its marker files. A
+kernel writes to ``/kaggle/working``. From a checkout the same notebooks read ``data/synthetic``
+(or ``$CELLMASK_DATA``) and ``configs/`` and write ``runs/``.
 Runs are laid out as ``<out>/<dataset>/<config name>/`` (``livecell/faster_rcnn_swin_t``), so
 a later notebook finds an earlier one's run in the same session or among the inputs.
 """
@@ -12,15 +13,21 @@ a later notebook finds an earlier one's run in the same session or among the inp
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cellmask.paths import KAGGLE_WORKING, default_data_root, on_kaggle
-
-KAGGLE_INPUT = Path("/kaggle/input")
-CODE_DATASET = KAGGLE_INPUT / "cellmask-code"
+from cellmask.kaggle.inputs import (
+    CODE_INPUT,
+    find,
+    find_relative,
+    find_run,
+    not_found,
+    resume_run,
+)
+from cellmask.paths import KAGGLE_INPUT, KAGGLE_WORKING, default_data_root, on_kaggle
 
 
 def checkout_root(start: str | Path | None = None) -> Path | None:
@@ -50,7 +57,8 @@ class NotebookPaths:
         """
         if self.configs is None:
             raise FileNotFoundError(
-                f"no configs folder: not in a checkout, and no {CODE_DATASET / 'configs'} (attach the cellmask-code dataset)"
+                f"no configs folder: not in a checkout, and no {CODE_INPUT.what} (a folder holding "
+                f"{CODE_INPUT.markers}) under {KAGGLE_INPUT}: attach the cellmask-code dataset or set CONFIGS"
             )
         path = self.configs / f"{name}.yaml"
         if not path.is_file():
@@ -67,38 +75,99 @@ class NotebookPaths:
         return self.out / dataset / name
 
 
+def code_configs(input_root: Path = KAGGLE_INPUT) -> Path | None:
+    """``configs/`` of the cellmask-code dataset found under ``input_root`` (either layout), if any."""
+    code = find(CODE_INPUT, input_root)
+    return code / "configs" if code is not None else None
+
+
 def notebook_paths(
-    data: str | Path | None = None, out: str | Path | None = None, configs: str | Path | None = None
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    configs: str | Path | None = None,
+    *,
+    input_root: Path = KAGGLE_INPUT,
 ) -> NotebookPaths:
     """Resolve a notebook's ``DATA`` / ``OUT`` / ``CONFIGS`` parameters (``None``: the default).
 
-    Defaults: data :func:`cellmask.paths.default_data_root` (Kaggle's competition folder on Kaggle;
-    a relative default is taken from the checkout's root); out ``/kaggle/working`` on Kaggle,
-    else ``runs/`` of the checkout; configs ``configs/`` of the checkout, else the
-    ``cellmask-code`` dataset's. ``out`` is created.
+    Defaults: data :func:`cellmask.paths.default_data_root` (the competition's folder under
+    ``input_root`` on Kaggle; a relative default is taken from the checkout's root); out
+    ``/kaggle/working`` on Kaggle, else ``runs/`` of the checkout; configs ``configs/`` of the
+    checkout, else the cellmask-code dataset's (:func:`code_configs`). ``out`` is created.
+
+    Raises:
+        cellmask.kaggle.inputs.InputNotFound: on Kaggle with ``data`` unset, no competition data
+            under ``input_root``.
     """
     root = checkout_root()
     base = root or Path.cwd()
-    data_path = Path(data) if data is not None else default_data_root()
+    data_path = Path(data) if data is not None else default_data_root(input_root)
     if not data_path.is_absolute() and data is None:
         data_path = base / data_path
     if out is None:
         out = KAGGLE_WORKING if on_kaggle() else base / "runs"
     if configs is None:
-        candidates = ([root / "configs"] if root else []) + [CODE_DATASET / "configs"]
-        configs = next((c for c in candidates if c.is_dir()), None)
+        configs = root / "configs" if root and (root / "configs").is_dir() else code_configs(input_root)
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     return NotebookPaths(data=data_path, out=out_path, configs=Path(configs) if configs is not None else None)
 
 
-def find_input(relative: str | Path, roots: Sequence[str | Path] = ()) -> Path | None:
+def find_input(
+    relative: str | Path, roots: Sequence[str | Path] = (), *, input_root: Path = KAGGLE_INPUT
+) -> Path | None:
     """The first ``<root>/<relative>`` that exists, trying ``roots`` and then every input mounted
-    under ``/kaggle/input`` (datasets and other kernels' outputs); ``None`` if none does."""
-    candidates = [Path(r) / relative for r in roots]
-    if KAGGLE_INPUT.is_dir():
-        candidates += sorted(KAGGLE_INPUT.glob(f"*/{Path(relative).as_posix()}"))
-    return next((c for c in candidates if c.exists()), None)
+    under ``input_root`` (datasets and other kernels' outputs, in either layout:
+    :func:`cellmask.kaggle.inputs.find_relative`); ``None`` if none does."""
+    return find_relative(relative, roots, input_root)
+
+
+PRETRAINED_PROFILES = ("paper",)
+"""The profiles whose fine-tuning must start from the branch's LIVECell run (the paper's recipe)."""
+
+
+def livecell_init(
+    branch: str,
+    *,
+    profile: str = "paper",
+    init: str | Path | None = None,
+    from_imagenet: bool = False,
+    roots: Sequence[str | Path] = (),
+    input_root: Path = KAGGLE_INPUT,
+) -> Path | None:
+    """The checkpoint a fine-tuning stage of ``branch`` starts from (notebooks 02-05).
+
+    ``init`` if given; ``None`` (the config's ImageNet backbone) if ``from_imagenet``; else the
+    ``best.pt`` of the branch's LIVECell run ``livecell/<branch>`` (notebook 01) under ``roots``
+    or any input (:func:`cellmask.kaggle.inputs.find_run`). Without one, the ``paper`` profile
+    stops (hours of GPU training from ImageNet weights would not be the paper's model); the
+    other profiles (demo, smoke) go on from the config's backbone (``None``).
+
+    Raises:
+        ValueError: both ``init`` and ``from_imagenet``.
+        cellmask.kaggle.inputs.InputNotFound: profile ``paper``, no ``init``, ``from_imagenet``
+            unset and no LIVECell run (the message says what was looked for and how to fix it).
+    """
+    if init is not None and from_imagenet:
+        raise ValueError("INIT and FROM_IMAGENET both set: pick one")
+    if init is not None:  # train_stage checks it (a resumed run does not need it)
+        return Path(init)
+    if from_imagenet:
+        return None
+    run = find_run("livecell", branch, roots, input_root)
+    if run is not None:
+        return run / "best.pt"
+    if profile not in PRETRAINED_PROFILES:
+        return None
+    where = "".join(f"{r}, " for r in roots)
+    raise not_found(
+        f"LIVECell run of {branch} (notebook 01)",
+        f"best.pt + config.yaml at livecell/{branch}/ (under {where}or under any input)",
+        f"attach the output of the 01 kernel of this branch (make push-train NB=01_pretrain_livecell "
+        f"BRANCH={branch}), or set INIT to a checkpoint, or set FROM_IMAGENET = True to train from "
+        "the ImageNet backbone on purpose",
+        input_root,
+    )
 
 
 LIVECELL_RECIPE = ("optimizer", "lr", "weight_decay", "scheduler", "epochs")
@@ -132,6 +201,25 @@ def stage_config(
     return deep_merge(cfg, parse_overrides(overrides)) if overrides else cfg
 
 
+KAGGLE_SESSION_HOURS = 11.5
+"""The training budget of one Kaggle GPU session (Kaggle ends a session after 12 hours; the half
+hour left is for the notebook's last cells and for saving the output)."""
+SESSION_START = time.monotonic()
+"""When this module was first imported: in a notebook, within a minute of the session's start."""
+
+
+def session_budget(
+    cfg: Mapping[str, Any], kaggle: bool | None = None, now: float | None = None
+) -> float | None:
+    """``train.max_hours`` for a training stage on Kaggle whose config sets none: what is left of
+    :data:`KAGGLE_SESSION_HOURS` since :data:`SESSION_START` (at least a minute); ``None`` off
+    Kaggle or when the config sets one."""
+    if not (on_kaggle() if kaggle is None else kaggle) or (cfg.get("train") or {}).get("max_hours"):
+        return None
+    spent = ((time.monotonic() if now is None else now) - SESSION_START) / 3600.0
+    return max(KAGGLE_SESSION_HOURS - spent, 1 / 60)
+
+
 def train_stage(
     paths: NotebookPaths,
     config: str,
@@ -144,14 +232,23 @@ def train_stage(
     overrides: Sequence[str] = (),
     out_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
+    input_root: Path = KAGGLE_INPUT,
 ) -> dict[str, Any]:
     """``cellmask train`` of config ``config`` (:func:`stage_config`) on ``dataset`` into
     ``paths.run(dataset, config)``.
 
     Args:
-        resume_from: a run directory of an earlier session (e.g. this kernel's previous output
-            under ``/kaggle/input``): copied into the run directory and continued from its
-            ``last.pt`` (a paper-scale stage can take longer than one Kaggle session).
+        resume_from: the run to continue (a paper-scale stage takes longer than one Kaggle
+            session): a run directory, an earlier kernel version's output folder, or that
+            kernel ``owner/slug/N`` attached as a kernel source
+            (:func:`cellmask.kaggle.inputs.resume_run`); copied into the run directory and
+            continued from its ``last.pt``, bit-exactly where it stopped.
+        input_root: where Kaggle mounts the inputs.
+
+    On Kaggle a config without ``train.max_hours`` gets the rest of the session's
+    :data:`KAGGLE_SESSION_HOURS` (:func:`session_budget`): training stops cleanly after the step
+    that passes it, ``last.pt`` written, and the notebook goes on to the end (the kernel
+    completes; the next version continues with ``RESUME_FROM``).
         the rest: as :func:`cellmask.train.run_training` and :func:`cellmask.config.load_config`.
 
     Returns:
@@ -160,11 +257,17 @@ def train_stage(
     from cellmask.train import run_training
 
     cfg = stage_config(paths, config, dataset, profile, overrides)
+    budget = session_budget(cfg)
+    if budget is not None:
+        cfg["train"]["max_hours"] = budget
+        print(f"train.max_hours {budget:.2f}: the rest of this Kaggle session's {KAGGLE_SESSION_HOURS} h")
     run_dir = Path(out_dir) if out_dir is not None else paths.run(dataset, config)
     resume = False
     if resume_from is not None:
-        shutil.copytree(resume_from, run_dir, dirs_exist_ok=True)
-        resume = (run_dir / "last.pt").is_file()
+        previous = resume_run(resume_from, dataset, config, input_root)
+        print(f"continuing {previous} (last.pt) in {run_dir}")
+        shutil.copytree(previous, run_dir, dirs_exist_ok=True)
+        resume = True
     result = run_training(
         cfg, paths.data, dataset, run_dir, init=init, resume=resume, epochs=epochs, device=device
     )

@@ -1,8 +1,6 @@
-"""The ``kaggle`` command line, driven from Python: who the user is, and each command we run.
+"""Who the user is, and running one ``kaggle`` command (or printing it: ``DRY_RUN=1``).
 
-Every Kaggle action of the Makefile goes through :class:`KaggleRunner`, which either runs the
-``kaggle`` CLI or, in dry-run mode (``DRY_RUN=1``), prints the exact command line instead. The
-user name comes from ``KAGGLE_USERNAME`` or the CLI's own ``kaggle.json`` (``$KAGGLE_CONFIG_DIR``,
+The user name comes from ``KAGGLE_USERNAME`` or the CLI's own ``kaggle.json`` (``$KAGGLE_CONFIG_DIR``,
 ``~/.kaggle``, or ``$XDG_CONFIG_HOME/kaggle`` as the CLI looks them up), never from this repo.
 A missing CLI or missing credentials raise :class:`KaggleSetupError` with one message that says
 what to do.
@@ -12,16 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
+
+from cellmask.kaggle.api.errors import KaggleCommandError, KaggleSetupError
+from cellmask.kaggle.api.texts import failure_reason
 
 COMPETITION = "sartorius-cell-instance-segmentation"
 SUBMISSION_FILE = "submission.csv"
@@ -31,14 +30,6 @@ _HELP = (
     "install the CLI (pip install kaggle) and put your API token in ~/.kaggle/kaggle.json "
     "(kaggle.com > Settings > API > Create New Token), or set KAGGLE_USERNAME and KAGGLE_KEY"
 )
-
-
-class KaggleSetupError(RuntimeError):
-    """The Kaggle CLI or the user's credentials are missing (the message says what to do)."""
-
-
-class KaggleCommandError(RuntimeError):
-    """A ``kaggle`` command failed, or a kernel run ended in error."""
 
 
 def config_dirs(env: Mapping[str, str] | None = None) -> list[Path]:
@@ -157,142 +148,13 @@ class KaggleRunner:
             print(proc.stdout.rstrip(), file=self.out, flush=True)
         if check and proc.returncode != 0:
             detail = (proc.stderr or proc.stdout).strip()
-            raise KaggleCommandError(f"`{shlex.join(cmd)}` failed (exit {proc.returncode}): {detail[-800:]}")
+            reason = failure_reason(f"{proc.stdout}\n{proc.stderr}")
+            why = f", {reason}" if reason else ""
+            raise KaggleCommandError(
+                f"`{shlex.join(cmd)}` failed (exit {proc.returncode}{why}): {detail[-800:]}"
+            )
         return proc
 
     def note(self, text: str) -> None:
         """A line of explanation (``#``-prefixed in dry-run mode, so the output stays a script)."""
         print(("# " if self.dry_run else "") + text, file=self.out, flush=True)
-
-
-# --------------------------------------------------------------------------------------------
-# kernels
-
-
-_PUSH_VERSION = re.compile(r"[Kk]ernel version (\d+) successfully pushed")
-_STATUS = re.compile(r'has status "(?:KernelWorkerStatus\.)?([A-Za-z_]+)"')
-_FAILURE = re.compile(r'Failure message: "(.*)"')
-DONE, FAILED = (
-    "complete",
-    ("error", "cancelrequested", "cancelacknowledged", "cancel_requested", "cancel_acknowledged"),
-)
-
-
-def parse_push_version(output: str) -> int | None:
-    """The version number ``kaggle kernels push`` reports, or ``None`` if it printed none."""
-    match = _PUSH_VERSION.search(output)
-    return int(match.group(1)) if match else None
-
-
-def parse_status(output: str) -> str:
-    """``queued`` / ``running`` / ``complete`` / ``error`` / ... from ``kaggle kernels status``
-    (both the old ``"complete"`` and the newer ``"KernelWorkerStatus.COMPLETE"`` forms).
-
-    Raises:
-        KaggleCommandError: no status in the output.
-    """
-    match = _STATUS.search(output)
-    if not match:
-        raise KaggleCommandError(f"could not read a kernel status from: {output.strip()[:300]!r}")
-    return match.group(1).lower()
-
-
-def push_kernel(runner: KaggleRunner, folder: str | Path) -> int | None:
-    """``kaggle kernels push -p FOLDER``; returns the new version (``None`` in dry-run mode).
-
-    Raises:
-        KaggleCommandError: the push failed, or reported an error.
-    """
-    proc = runner.run(["kernels", "push", "-p", str(folder)])
-    if runner.dry_run:
-        return None
-    if "push error" in proc.stdout.lower():
-        raise KaggleCommandError(f"kaggle kernels push -p {folder}: {proc.stdout.strip()[-800:]}")
-    return parse_push_version(proc.stdout)
-
-
-def wait_for_kernel(
-    runner: KaggleRunner,
-    kernel_id: str,
-    poll_s: float = 60.0,
-    timeout_s: float = 12 * 3600.0,
-    sleep: Callable[[float], None] = time.sleep,
-) -> str:
-    """Poll ``kaggle kernels status KERNEL_ID`` until the run completes.
-
-    Returns:
-        ``"complete"`` (``"complete"`` at once in dry-run mode, after printing the command once).
-
-    Raises:
-        KaggleCommandError: the run ended in error or was cancelled (with Kaggle's failure
-            message and how to fetch the log), or ``timeout_s`` passed.
-    """
-    if runner.dry_run:
-        runner.run(["kernels", "status", kernel_id])
-        runner.note(f"(repeated every {poll_s:g} s until the status is complete)")
-        return DONE
-    waited = 0.0
-    while True:
-        proc = runner.run(["kernels", "status", kernel_id], echo=False)
-        status = parse_status(proc.stdout)
-        runner.note(f"{kernel_id}: {status} ({waited / 60:.0f} min)")
-        if status == DONE:
-            return status
-        if status in FAILED:
-            failure = _FAILURE.search(proc.stdout)
-            why = f": {failure.group(1)}" if failure else ""
-            raise KaggleCommandError(
-                f"{kernel_id} ended with status {status}{why}; its log: kaggle kernels output {kernel_id} -p build/kaggle/output"
-            )
-        if waited >= timeout_s:
-            raise KaggleCommandError(
-                f"{kernel_id} still {status} after {timeout_s / 3600:.1f} h; stopped waiting"
-            )
-        sleep(poll_s)
-        waited += poll_s
-
-
-def submit_kernel(runner: KaggleRunner, kernel_id: str, version: int | str, message: str) -> None:
-    """``kaggle competitions submit COMPETITION -f submission.csv -k KERNEL_ID -v VERSION -m MESSAGE``."""
-    runner.run(
-        [
-            "competitions",
-            "submit",
-            COMPETITION,
-            "-f",
-            SUBMISSION_FILE,
-            "-k",
-            kernel_id,
-            "-v",
-            str(version),
-            "-m",
-            message,
-        ]
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# datasets
-
-
-def dataset_exists(runner: KaggleRunner, dataset_id: str) -> bool | None:
-    """Whether ``dataset_id`` exists on Kaggle (``kaggle datasets status``); ``None`` in dry-run mode."""
-    proc = runner.run(["datasets", "status", dataset_id], check=False, echo=False)
-    if runner.dry_run:
-        return None
-    return proc.returncode == 0 and "not found" not in (proc.stdout + proc.stderr).lower()
-
-
-def push_dataset(runner: KaggleRunner, dataset_id: str, folder: str | Path, message: str) -> None:
-    """A new version of ``dataset_id`` from ``folder`` (``kaggle datasets version -p FOLDER -r zip
-    -m MESSAGE``), or ``kaggle datasets create -p FOLDER -r zip`` the first time."""
-    exists = dataset_exists(runner, dataset_id)
-    version = ["datasets", "version", "-p", str(folder), "-r", "zip", "-m", message]
-    create = ["datasets", "create", "-p", str(folder), "-r", "zip"]
-    if exists is None:  # dry run: both, the choice is made by the status above
-        runner.run(version)
-        runner.note(f"(or, when {dataset_id} does not exist yet: {shlex.join([runner.executable, *create])})")
-    elif exists:
-        runner.run(version)
-    else:
-        runner.run(create)
