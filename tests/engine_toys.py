@@ -6,6 +6,7 @@ rectangles with random augmentation, a small train config, and a model with ``tr
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -211,3 +212,29 @@ class Oracle(nn.Module):
 
     def forward(self, images, targets=None):
         return [dict(self.answers[image_key(image)]) for image in images]
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the DDP tests' rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker: Any, out: str, world: int = 2, timeout_s: float = 120.0) -> None:
+    """Run ``worker(rank, world, port, out)`` in ``world`` processes (gloo on the CPU) and wait;
+    fail the test (killing them) after ``timeout_s``."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=(world, free_port(), out), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"DDP workers did not finish in {timeout_s:.0f} s")

@@ -9,13 +9,12 @@ The toys live in tests/engine_toys.py; the rest of the engine: tests/test_engine
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from engine_toys import StepModel, TinyDetector, ToyDataset, batches, make_val_fn, tiny_cfg
+from engine_toys import StepModel, TinyDetector, ToyDataset, batches, make_val_fn, spawn_ranks, tiny_cfg
 
 from cellmask.engine import (
     WallClockBudget,
@@ -198,22 +197,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     cleanup_distributed()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_ranks_stop_after_the_same_step(tmp_path: Path):
-    import torch.multiprocessing as mp
-
-    context = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("DDP workers did not finish in 120 s")
+    spawn_ranks(_ddp_worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["stopped"] for r in ranks] == ["max_hours", "max_hours"]
     assert [r["calls"] for r in ranks] == [1, 1]  # one step each, then both stopped

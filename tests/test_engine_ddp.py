@@ -6,14 +6,12 @@ logged by rank 0. One test: it spawns processes, which costs seconds."""
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from engine_toys import TinyDetector, ToyDataset, assert_same_weights, tiny_cfg
+from engine_toys import TinyDetector, ToyDataset, assert_same_weights, spawn_ranks, tiny_cfg
 from torch import nn
 from torch.utils.data import Subset
 
@@ -99,22 +97,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     cleanup_distributed()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_agree_on_weights_validation_hooks_and_logs(tmp_path: Path):
-    import torch.multiprocessing as mp
-
-    context = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("DDP workers did not finish in 120 s")
+    spawn_ranks(_ddp_worker, str(tmp_path))
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert_same_weights(rank0["model"], rank1["model"])

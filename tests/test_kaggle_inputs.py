@@ -106,9 +106,9 @@ def test_every_input_is_found_in_both_layouts(layout):
 def test_session_helpers_use_the_resolver(layout, tmp_path, monkeypatch):
     root, where = layout
     run = where["pretrain"] / "livecell" / BRANCH
-    assert session.find_input(f"livecell/{BRANCH}/best.pt", input_root=root) == run / "best.pt"
-    assert session.find_input("manifest.json", input_root=root) == where["weights"] / "manifest.json"
-    assert session.find_input("nothing.txt", input_root=root) is None
+    assert inputs.find_relative(f"livecell/{BRANCH}/best.pt", input_root=root) == run / "best.pt"
+    assert inputs.find_relative("manifest.json", input_root=root) == where["weights"] / "manifest.json"
+    assert inputs.find_relative("nothing.txt", input_root=root) is None
     assert session.code_configs(root) == where["code"] / "configs"
     # on "Kaggle" (the input root exists): the data is the competition's folder, whichever layout
     monkeypatch.delenv("CELLMASK_DATA", raising=False)

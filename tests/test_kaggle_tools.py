@@ -14,7 +14,7 @@ import pytest
 from nbformat import v4
 
 from cellmask.errors import DataError
-from cellmask.kaggle import api, imports, session, weights, wheels
+from cellmask.kaggle import api, imports, inputs, session, weights, wheels
 from cellmask.kaggle import notebooks as nbt
 from cellmask.kaggle.__main__ import main as kaggle_main
 
@@ -353,24 +353,24 @@ def test_notebook_paths_in_a_checkout(tmp_path, monkeypatch):
     assert on_kaggle.configs == code / "configs"
 
 
-def test_find_input_tries_roots_in_order(tmp_path):
+def test_find_relative_tries_roots_in_order(tmp_path):
     first, second, kernels = tmp_path / "a", tmp_path / "b", tmp_path / "input" / "notebooks" / "me"
     for root in (first, second, kernels / "k"):
         (root / "livecell" / "x").mkdir(parents=True)
     (kernels / "k" / "livecell" / "x" / "best.pt").write_bytes(b"")  # an input: tried last
-    found = session.find_input("livecell/x/best.pt", roots=[first, second], input_root=tmp_path / "input")
+    found = inputs.find_relative("livecell/x/best.pt", roots=[first, second], input_root=tmp_path / "input")
     assert found == kernels / "k" / "livecell" / "x" / "best.pt"
     (second / "livecell" / "x" / "best.pt").write_bytes(b"")
     assert (
-        session.find_input("livecell/x/best.pt", roots=[first, second])
+        inputs.find_relative("livecell/x/best.pt", roots=[first, second])
         == second / "livecell" / "x" / "best.pt"
     )
     (first / "livecell" / "x" / "best.pt").write_bytes(b"")
     assert (
-        session.find_input("livecell/x/best.pt", roots=[first, second])
+        inputs.find_relative("livecell/x/best.pt", roots=[first, second])
         == first / "livecell" / "x" / "best.pt"
     )
-    assert session.find_input("livecell/y/best.pt", roots=[first, second], input_root=tmp_path) is None
+    assert inputs.find_relative("livecell/y/best.pt", roots=[first, second], input_root=tmp_path) is None
 
 
 def test_stage_config_pretrains_soft_teacher_as_its_plain_detector(tmp_path):

@@ -10,9 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KAGGLE_INPUT = Path("/kaggle/input")
-KAGGLE_COMPETITION_ROOT = KAGGLE_INPUT / "sartorius-cell-instance-segmentation"
-"""Where the old input layout mounts the competition (the newer one mounts it under
-``competitions/``): :func:`default_data_root` finds either with :mod:`cellmask.kaggle.inputs`."""
 KAGGLE_WORKING = Path("/kaggle/working")
 DATA_ENV = "CELLMASK_DATA"
 LOCAL_DEFAULT_ROOT = Path("data/synthetic")

@@ -190,6 +190,12 @@ def _real_root(args: argparse.Namespace) -> bool:
     return not resolve_source(args.data, False if args.no_synth else None).synthetic
 
 
+def _command_line(fallback: str) -> str:
+    """The ``cellmask demo ...`` command line this process runs (for the reports), or ``fallback``
+    when it was not started that way."""
+    return " ".join(["cellmask", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else fallback
+
+
 def cli_demo(args: argparse.Namespace) -> int:
     """Handler of ``cellmask demo``; returns 0, or 1 when the test submission is invalid."""
     root = _real_root(args)
@@ -217,9 +223,7 @@ def cli_demo(args: argparse.Namespace) -> int:
             device=args.device,
             workers=args.workers,
             quick=args.quick,
-            command=" ".join(["cellmask", *sys.argv[1:]])
-            if sys.argv[1:2] == ["demo"]
-            else "make ablation-real",
+            command=_command_line("make ablation-real"),
         )
         return 0
     if args.ablation:
@@ -257,6 +261,6 @@ def cli_demo(args: argparse.Namespace) -> int:
         baseline=args.baseline,
         report=args.report,
         overrides=args.overrides,
-        command=" ".join(["cellmask", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "cellmask demo",
+        command=_command_line("cellmask demo"),
     )
     return 0 if summary["submission_ok"] else 1

@@ -214,9 +214,8 @@ def run_levers(
     for name in dict.fromkeys(n for _, a, b in LEVERS for n in (a, b)):
         pred = Predictor.from_runs([run_dir(name)], segmenter, device=device, cache=cache)
         scores[name] = run_rows(pred, records, [_single_row(name)], None, progress)[0]
-    ensemble = Predictor.from_runs(
-        [demo_runs / b for b in _demo_branches(demo_runs)], segmenter, device=device, cache=cache
-    )
+    branches = _demo_branches(demo_runs)
+    ensemble = Predictor.from_runs([demo_runs / b for b in branches], segmenter, device=device, cache=cache)
     tuned = _tuned_options(demo_runs)
     ens_rows = [
         Row("ensemble + TTA, class vote after WBF *"),
@@ -225,9 +224,9 @@ def run_levers(
     ]
     if tuned:
         ens_rows.append(Row("ensemble + TTA, thresholds tuned on the val fold", options=tuned))
-    ens = {r.row.name: r for r in run_rows(ensemble, records, ens_rows, None, progress)}
+    ens = run_rows(ensemble, records, ens_rows, None, progress)
     pretrained = Predictor.from_runs(  # the LIVECell lever carried into the ensemble
-        [out / f"livecell_ft/{b}" if b == LEVER_BASE else demo_runs / b for b in _demo_branches(demo_runs)],
+        [out / f"livecell_ft/{b}" if b == LEVER_BASE else demo_runs / b for b in branches],
         segmenter, device=device, cache=cache,
     )  # fmt: skip
     in_ensemble = run_rows(
@@ -240,17 +239,17 @@ def run_levers(
         rows.append(_arm(lever, "without", without, scores[without]))
         rows.append(_arm(lever, "with", with_, scores[with_]))
     carried = "synthetic-LIVECell pretraining of branch 2, in the ensemble"
-    rows.append(_arm(carried, "without", "ensemble", ens[ens_rows[0].name]))
+    rows.append(_arm(carried, "without", "ensemble", ens[0]))
     rows.append(_arm(carried, "with", "ensemble, branch 2 from livecell_ft", in_ensemble[0]))
     vote = "the class vote before WBF (vs after)"
-    rows.append(_arm(vote, "without", "ensemble", ens[ens_rows[0].name]))
-    rows.append(_arm(vote, "with", "ensemble", ens[ens_rows[1].name]))
-    rows.append(_arm("the class vote (vs none)", "without", "ensemble", ens[ens_rows[2].name]))
-    rows.append(_arm("the class vote (vs none)", "with", "ensemble", ens[ens_rows[0].name]))
+    rows.append(_arm(vote, "without", "ensemble", ens[0]))
+    rows.append(_arm(vote, "with", "ensemble", ens[1]))
+    rows.append(_arm("the class vote (vs none)", "without", "ensemble", ens[2]))
+    rows.append(_arm("the class vote (vs none)", "with", "ensemble", ens[0]))
     if tuned:
         thr = "thresholds tuned on the val fold (vs the paper's)"
-        rows.append(_arm(thr, "without", "ensemble", ens[ens_rows[0].name]))
-        rows.append(_arm(thr, "with", "ensemble", ens[ens_rows[3].name]))
+        rows.append(_arm(thr, "without", "ensemble", ens[0]))
+        rows.append(_arm(thr, "with", "ensemble", ens[3]))
     times["total"] = time.perf_counter() - start
     info = {
         "command": command,

@@ -32,7 +32,7 @@ Run directory written by :func:`fit` (rank 0 only)::
     out_dir/best.pt         the same for the best epoch by ``train.monitor``
     out_dir/metrics.csv     one row per epoch (means over every rank's steps, validation); an
                             epoch cut by ``train.max_hours`` has ``stopped=max_hours`` and
-                            ``iters`` (the iterations it ran), empty on other rows;
+                            ``iters`` (its iterations done), a resumed one ``resumed_at``, empty on other rows;
                             out_dir/metrics.png plots it (losses, statistics, validation, lr)
     out_dir/steps.csv       one row per iteration and rank: every value the step returned
 
@@ -40,9 +40,9 @@ Checkpoints hold only tensors and plain containers, and every load uses
 ``torch.load(..., weights_only=True)``.
 
 Wall-clock budget: ``train.max_hours`` (from the start of each :func:`fit` call; null or 0: none)
-ends training after the iteration that passes it: the cut epoch is validated and saved as any
-epoch, ``fit`` returns ``stopped="max_hours"``, and ``resume=True`` continues with the next
-epoch (:mod:`~cellmask.engine.runner`).
+ends training after the iteration that passes it: the cut epoch is validated and saved, ``fit``
+returns ``stopped="max_hours"``, and ``resume=True`` continues with the next batch, ending
+bit-exactly as an uninterrupted run (:mod:`~cellmask.engine.runner`).
 
 Determinism: :func:`fit` seeds every RNG at the start of a fresh run; the train loader's order
 depends on ``(seed, epoch)`` and each item's augmentation on ``(seed, epoch, index)`` only (not

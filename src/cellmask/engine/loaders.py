@@ -148,14 +148,10 @@ def set_loader_epoch(loader: Iterable, epoch: int, seed: int, rank: int = 0, ski
     is read); ``False``: the caller must skip them itself (an :class:`EpochSampler`-less loader).
     """
     skipped = skip_batches == 0
-    for obj in dict.fromkeys(
-        o
-        for o in (
-            getattr(loader, "sampler", None),
-            getattr(loader, "batch_sampler", None),
-            getattr(getattr(loader, "batch_sampler", None), "sampler", None),
-        )
-        if o is not None
+    for obj in (
+        getattr(loader, "sampler", None),
+        getattr(loader, "batch_sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
     ):
         if isinstance(obj, EpochSampler) and getattr(loader, "batch_size", None):
             obj.set_epoch(epoch, skip_batches * int(loader.batch_size))  # type: ignore[attr-defined]

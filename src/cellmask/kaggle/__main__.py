@@ -29,6 +29,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cellmask.demo.plan import BRANCHES
 from cellmask.errors import DataError
 from cellmask.kaggle import api, data, packaging, weights, wheels
 from cellmask.kaggle.api import KaggleCommandError, KaggleRunner, KaggleSetupError
@@ -177,7 +178,7 @@ def cmd_push_train(args: argparse.Namespace, runner: KaggleRunner) -> int:
     if notebook == packaging.PRETRAIN_NOTEBOOK and not args.branch:
         raise ValueError(
             f"{notebook} pretrains one branch per kernel: usage: make push-train NB={notebook} "
-            f"BRANCH=<one of {', '.join(packaging.BRANCH_CONFIGS)}> [EPOCHS=N] [RESUME_FROM=owner/slug/N]"
+            f"BRANCH=<one of {', '.join(BRANCHES)}> [EPOCHS=N] [RESUME_FROM=owner/slug/N]"
         )
     spec = packaging.kernel_spec(notebook, args.branch, root=args.root)
     spec = packaging.with_run_options(spec, args.epochs, args.resume_from, args.overrides or ())

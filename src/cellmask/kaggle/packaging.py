@@ -29,7 +29,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cellmask.demo.plan import BRANCHES
 from cellmask.errors import DataError
 from cellmask.kaggle.notebooks import (
     inject_parameters,
@@ -49,8 +48,6 @@ WEIGHTS, WHEELS, CODE = "cellmask-weights", "cellmask-wheels", "cellmask-code"
 DATASET_NAMES = (WEIGHTS, WHEELS, CODE)
 INFERENCE_NOTEBOOK = "07_inference"
 PRETRAIN_NOTEBOOK = "01_pretrain_livecell"
-BRANCH_CONFIGS = BRANCHES
-"""The branch configs 01 pretrains, one per kernel."""
 EVALUATE_NOTEBOOK = "08_evaluate"
 BASE_IMAGE = Path(DATASETS_DIR) / WHEELS / "base_image.json"
 CODE_PARTS = ("configs", "src", "notebooks", "pyproject.toml", "README.md")

@@ -22,7 +22,6 @@ from typing import Any
 from cellmask.kaggle.inputs import (
     CODE_INPUT,
     find,
-    find_relative,
     find_run,
     not_found,
     resume_run,
@@ -111,15 +110,6 @@ def notebook_paths(
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     return NotebookPaths(data=data_path, out=out_path, configs=Path(configs) if configs is not None else None)
-
-
-def find_input(
-    relative: str | Path, roots: Sequence[str | Path] = (), *, input_root: Path = KAGGLE_INPUT
-) -> Path | None:
-    """The first ``<root>/<relative>`` that exists, trying ``roots`` and then every input mounted
-    under ``input_root`` (datasets and other kernels' outputs, in either layout:
-    :func:`cellmask.kaggle.inputs.find_relative`); ``None`` if none does."""
-    return find_relative(relative, roots, input_root)
 
 
 PRETRAINED_PROFILES = ("paper",)
