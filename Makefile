@@ -84,9 +84,12 @@ test-numerics: setup
 		cat build/numerics-$$cap.log; \
 	done; exit $$status
 
+# ruff, and the import floors of src/cellmask (pyproject.toml's [tool.importlinter]: no import
+# from a lower floor to a higher one, no import circle).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 format: setup
 	$(BIN)/ruff check --fix .

@@ -49,8 +49,8 @@ def _sync(device: str) -> None:
 
 def _build(name: str, profile: str) -> tuple:
     """``(model, resolved config)`` of a branch (config ``None`` for the torchvision reference)."""
-    from cellmask import CLASS_TO_LABEL
     from cellmask.config import load_config
+    from cellmask.data.classes import CLASS_TO_LABEL
     from cellmask.models import build_detector
 
     if name == REFERENCE:
@@ -96,7 +96,7 @@ def worker_train(name: str, device: str, steps: int) -> dict:
     import numpy as np
     import torch
 
-    from cellmask import CLASS_TO_LABEL
+    from cellmask.data.classes import CLASS_TO_LABEL
     from cellmask.data.synthetic import synth_image
 
     model, cfg = _build(name, "demo")

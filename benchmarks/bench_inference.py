@@ -125,8 +125,8 @@ def main() -> None:
 
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-    from cellmask import CLASS_TO_LABEL
     from cellmask.config import load_config
+    from cellmask.data.classes import CLASS_TO_LABEL
     from cellmask.data.images import read_image
     from cellmask.data.sartorius import read_train_csv
     from cellmask.models.segmenter import build_segmenter

@@ -8,7 +8,7 @@ steps each, with the same optimiser and schedule (the config's SGD):
 
 * **supervised**: the detector on the labeled images alone (one labeled image per step);
 * **soft teacher**: student + EMA teacher, one labeled + one unlabeled image per step
-  (``cellmask.train_soft_teacher.soft_teacher_parts``: the real loader, views and model).
+  (``cellmask.training.soft_teacher.soft_teacher_parts``: the real loader, views and model).
 
 Printed: box AP and AP50 on held-out labeled images (the supervised detector; Soft Teacher's
 teacher, the inference model, and its student) every ``--eval-every`` steps, and each arm's
@@ -111,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from cellmask.coco_eval import evaluate_detector
     from cellmask.config import deep_merge, load_config
     from cellmask.data import synthetic
     from cellmask.data.datasets import DetectionDataset, UnlabeledDataset, collate
@@ -122,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     from cellmask.engine import DistInfo, build_eval_loader, build_train_loader, seed_everything
     from cellmask.models import build_detector
     from cellmask.models.soft_teacher.figure import pseudo_boxes, save_pseudo_box_figure
-    from cellmask.train_soft_teacher import soft_teacher_parts
+    from cellmask.training.soft_teacher import soft_teacher_parts
+    from cellmask.training.validation import evaluate_detector
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,8 @@ def train_steps(
 
     from cellmask.config import load_config, save_config
     from cellmask.engine import DistInfo, build_optimizer, save_checkpoint, train_one_epoch
-    from cellmask.train import load_split, parts_builder
+    from cellmask.training.parts import parts_builder
+    from cellmask.training.split import load_split
 
     overrides = ["model.backbone.pretrained=false", f"train.num_workers={args.workers}"]
     cfg = load_config(CONFIGS / f"{name}.yaml", profile=profile, overrides=overrides)

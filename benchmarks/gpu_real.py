@@ -5,10 +5,10 @@ On a Kaggle-layout root of the competition data (``--data``; default ``$CELLMASK
 ``../shared/sartorius`` next to the repository):
 
 * splits the annotated images 80/10/10 (``train.val_fraction=0.1``,
-  ``train.holdout_fraction=0.1``: :func:`cellmask.train.competition_split`, grouped by sample
+  ``train.holdout_fraction=0.1``: :func:`cellmask.training.split.competition_split`, grouped by sample
   and stratified by cell type; on a root with few sample groups the fractions grow, as there);
 * trains Faster R-CNN Swin-T (``configs/faster_rcnn_swin_t.yaml``), then the segmenter
-  (``configs/segmenter_upernet_swin_t.yaml``), each with :func:`cellmask.train.run_training`
+  (``configs/segmenter_upernet_swin_t.yaml``), each with :func:`cellmask.training.command.run_training`
   (``--profile``, paper by default: AMP on) for ``--minutes`` of wall clock
   (``train.max_hours``: the run stops after the step that passes it, validated and saved).
   Backbones start from random weights (nothing is downloaded) unless ``--pretrained``;
@@ -76,7 +76,7 @@ def data_root(arg: str | None) -> Path:
 def timed_validation(seconds: list[float]) -> Iterator[None]:
     """While active, every ``val_fn`` the training parts builders return appends its wall time
     to ``seconds`` (so the training time of an epoch is its ``time_s`` less those)."""
-    import cellmask.train as train
+    import cellmask.training.command as train
 
     original = train.parts_builder
 
@@ -123,7 +123,7 @@ def load(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def train(name: str, root: Path, runs: Path, device: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Train ``name`` for the budget; its figures (steps, s/step, peak memory, losses)."""
     from cellmask.engine.history import read_rows_csv
-    from cellmask.train import run_training
+    from cellmask.training.command import run_training
 
     cfg = load(name, args)
     out_dir = runs / name
@@ -166,7 +166,7 @@ def score(root: Path, runs: Path, out: Path, device: Any, args: argparse.Namespa
     """The branch + segmenter on the held-out images: the competition metric's report."""
     from cellmask.evaluate import evaluate_predictor
     from cellmask.predict import Predictor
-    from cellmask.train import competition_split
+    from cellmask.training.split import competition_split
 
     holdout = competition_split(load(BRANCH, args), root).holdout
     if not holdout:
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = Path(args.out)
     runs = out / "runs"
-    from cellmask.train import competition_split
+    from cellmask.training.split import competition_split
 
     split = competition_split(load(BRANCH, args), root)
     started = time.perf_counter()

@@ -11,6 +11,31 @@ import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REAL = FIXTURES / "sartorius_real"
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA_ENV = "CELLMASK_REAL_DATA"
+
+
+def real_data_root() -> Path | None:
+    """The real competition data a ``real_data`` test may use, or ``None`` (then it runs the
+    version that holds on the fixtures alone, as on a fresh clone).
+
+    ``$CELLMASK_REAL_DATA`` decides when set: a Kaggle-layout root, or ``none`` (or empty) to hide
+    the data (CI runs the ``real_data`` tests once that way); else ``$CELLMASK_DATA``, else
+    ``../shared/sartorius`` beside the checkout, whichever holds a ``train.csv``.
+    """
+    import os
+
+    if REAL_DATA_ENV in os.environ:
+        chosen = os.environ[REAL_DATA_ENV].strip()
+        if chosen.lower() in ("", "none"):
+            return None
+        if not (Path(chosen) / "train.csv").is_file():
+            raise FileNotFoundError(f"${REAL_DATA_ENV}={chosen}: no train.csv there")
+        return Path(chosen)
+    for candidate in (os.environ.get("CELLMASK_DATA"), REPO.parent / "shared" / "sartorius"):
+        if candidate and (Path(candidate) / "train.csv").is_file():
+            return Path(candidate)
+    return None
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from cellmask.coco_eval import evaluate_detector
 from cellmask.engine import build_eval_loader
+from cellmask.training.validation import evaluate_detector
 
 SIZE = 64
 CLASS_PREFIX = "det.roi_heads.box_predictor."

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cellmask import CLASS_TO_LABEL
 from cellmask.config import load_config
+from cellmask.data.classes import CLASS_TO_LABEL
 from cellmask.models import build_detector
 from cellmask.models.segmenter import build_segmenter
 from cellmask.predict import (
@@ -425,7 +425,7 @@ def test_demo_scores_far_above_empty_and_random_submissions(tmp_path, capsys):
 
     DETECTOR_CONFIG, SEGMENTER_CONFIG = "faster_rcnn_swin_t.yaml", "segmenter_upernet_swin_t.yaml"
     from cellmask.metric import read_truth_csv, score_submission
-    from cellmask.train import run_training
+    from cellmask.training.command import run_training
 
     data, out = _image_and_its_twin(tmp_path / "data"), tmp_path / "runs"
     for name, sub, epochs in (

@@ -19,11 +19,11 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from cellmask import CLASS_TO_LABEL
-from cellmask.coco_eval import coco_box_ap
 from cellmask.config import load_config
+from cellmask.data.classes import CLASS_TO_LABEL
 from cellmask.data.synthetic import synth_image
 from cellmask.models import build_detector
+from cellmask.training.validation import coco_box_ap
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BRANCHES = [

@@ -28,7 +28,7 @@ from engine_toys import (
 )
 from torch import nn
 
-import cellmask.engine.runner
+import cellmask.engine.epochs
 from cellmask.engine import (
     CheckpointError,
     NonFiniteGuard,
@@ -288,14 +288,14 @@ def test_fit_resume_is_bit_exact_and_writes_the_run_dir(tmp_path: Path, monkeypa
 
     seed_everything(0)
     first = TinyDetector(4)
-    real_save = cellmask.engine.runner.save_checkpoint
+    real_save = cellmask.engine.epochs.save_checkpoint
 
     def crash_saving_epoch_2(payload, path):  # epoch 2 trained, validated, steps.csv written
         if Path(path).name == "last.pt" and payload["epoch"] == 2:
             raise KeyboardInterrupt("simulated crash")
         return real_save(payload, path)
 
-    monkeypatch.setattr(cellmask.engine.runner, "save_checkpoint", crash_saving_epoch_2)
+    monkeypatch.setattr(cellmask.engine.epochs, "save_checkpoint", crash_saving_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         fit(first, build_train_loader(data, cfg), make_val_fn(data, cfg), cfg, tmp_path / "b", device="cpu")
     monkeypatch.undo()

@@ -15,7 +15,6 @@ from engine_toys import TinyDetector, ToyDataset, assert_same_weights, spawn_ran
 from torch import nn
 from torch.utils.data import Subset
 
-from cellmask.coco_eval import evaluate_detector
 from cellmask.engine import (
     build_eval_loader,
     build_train_loader,
@@ -27,6 +26,7 @@ from cellmask.engine import (
     shard,
 )
 from cellmask.engine.history import read_rows_csv
+from cellmask.training.validation import evaluate_detector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

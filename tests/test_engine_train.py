@@ -17,8 +17,8 @@ import torch
 from engine_toys import Oracle, ToyDataset
 
 import cellmask.engine
-from cellmask.coco_eval import coco_box_ap, detect
 from cellmask.engine import DistInfo, build_eval_loader, load_checkpoint
+from cellmask.training.validation import coco_box_ap, detect
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -124,7 +124,7 @@ def test_sharded_validation_equals_one_process(real_records, monkeypatch):
     every rank returns the AP of one process over the whole validation set."""
     from cellmask.data.datasets import DetectionDataset
     from cellmask.data.transforms import build_transforms
-    from cellmask.train import detector_parts
+    from cellmask.training.parts import detector_parts
 
     val_records = real_records[1:4]  # the three sparsest images (COCOeval is slow): shards of 2 and 1
     oracle = Oracle(DetectionDataset(val_records, build_transforms({}, train=False)))
@@ -153,13 +153,13 @@ def test_sharded_validation_equals_one_process(real_records, monkeypatch):
 
 
 def test_parts_builder_follows_model_type(monkeypatch):
-    from cellmask import train
+    from cellmask.training import parts as train
 
     assert train.parts_builder({"model": {"type": "segmenter"}}) is train.segmenter_parts
     assert train.parts_builder({"model": {"type": "cascade_rcnn"}}) is train.detector_parts
-    fake = types.ModuleType("cellmask.train_soft_teacher")
+    fake = types.ModuleType("cellmask.training.soft_teacher")
     fake.soft_teacher_parts = lambda *args: "soft teacher parts"
-    monkeypatch.setitem(sys.modules, "cellmask.train_soft_teacher", fake)
+    monkeypatch.setitem(sys.modules, "cellmask.training.soft_teacher", fake)
     assert train.parts_builder({"model": {"type": "soft_teacher"}}) is fake.soft_teacher_parts
 
     monkeypatch.setattr(train, "SOFT_TEACHER_PARTS", "cellmask.no_such_module:soft_teacher_parts")
@@ -175,7 +175,7 @@ def test_train_command_livecell_then_init_on_competition(tmp_path: Path):
     import yaml
 
     from cellmask.data import synthetic
-    from cellmask.train import add_train_arguments, cli_train
+    from cellmask.training.command import add_train_arguments, cli_train
 
     root = tmp_path / "data"
     synthetic.write_dataset(root, n_train=6, n_unlabeled=0, n_test=0, n_livecell=6, seed=0, size=(130, 176))

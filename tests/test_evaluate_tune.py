@@ -23,9 +23,9 @@ from _predict_helpers import (
 from cellmask.data.records import ImageRecord
 from cellmask.data.rle import rle_encode
 from cellmask.evaluate import evaluate, load_eval_records
+from cellmask.evaluate.tune import tune_predictor
 from cellmask.predict import Branch, Predictor, load_predict_config
 from cellmask.predict.pipeline import own_masks
-from cellmask.tune import tune_predictor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -158,7 +158,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 def test_eval_records_are_the_training_split(runs, real_root):
     from cellmask.predict import resolve_run
-    from cellmask.train import load_split
+    from cellmask.training.split import load_split
 
     cfg = resolve_run(runs["b0"]).config
     val = load_eval_records(real_root, [cfg], "val")

@@ -187,7 +187,7 @@ def test_unknown_type_lists_the_known_ones():
 
 @pytest.mark.parametrize(("kind", "mask"), [("cascade_rcnn", False), ("cascade_mask_rcnn", True)])
 def test_cascade_types_get_a_backbone_and_mask_flag(monkeypatch, kind, mask):
-    import cellmask.models as models
+    import cellmask.models.registry as models
 
     seen = {}
 
@@ -208,7 +208,7 @@ def test_cascade_types_get_a_backbone_and_mask_flag(monkeypatch, kind, mask):
 
 
 def test_register_detector_adds_a_type(monkeypatch):
-    import cellmask.models as models
+    import cellmask.models.registry as models
 
     monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
     register_detector("my_rcnn", "cellmask.models.faster_rcnn:build_faster_rcnn")

@@ -1,4 +1,4 @@
-"""cellmask.kaggle.inputs: every input a kernel reads found under a fake ``/kaggle/input`` in both
+"""cellmask.data.inputs: every input a kernel reads found under a fake ``/kaggle/input`` in both
 layouts Kaggle mounts (``<slug>/``, and ``competitions/``, ``datasets/<owner>/``,
 ``notebooks/<owner>/``), a missing one reported with what was looked for, a bounded search, and
 the fine-tuning notebooks' LIVECell-init decision (:func:`cellmask.kaggle.session.livecell_init`)."""
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cellmask.kaggle import inputs, session
-from cellmask.paths import default_data_root
+from cellmask.data import inputs
+from cellmask.data.inputs import default_data_root
+from cellmask.kaggle import session
 
 COMPETITION = "sartorius-cell-instance-segmentation"
 BRANCH = "faster_rcnn_swin_t"

@@ -1,4 +1,4 @@
-"""``make ablation-real``'s plan (cellmask.demo.levers): each variant differs from the run it is
+"""``make ablation-real``'s plan (cellmask.demo.experiments.levers): each variant differs from the run it is
 compared with in its one lever, the data root it trains from, the table, and the CLI's dispatch.
 The levers' figures themselves are in benchmarks/REAL_LEVERS.md (too long for CI)."""
 
@@ -10,15 +10,9 @@ import pytest
 
 from cellmask.config import load_config
 from cellmask.demo.core import load_stage_configs
-from cellmask.demo.levers import (
-    LEVER_BASE,
-    LEVERS,
-    compose_root,
-    format_levers_table,
-    lever_stages,
-    paper_augment,
-)
+from cellmask.demo.experiments.levers import LEVER_BASE, LEVERS, compose_root, lever_stages, paper_augment
 from cellmask.demo.plan import Stage, check_stages, default_config_dir
+from cellmask.demo.reports.levers import format_levers_table
 from cellmask.paths import CompetitionLayout
 
 CONFIGS = default_config_dir()
@@ -103,7 +97,7 @@ def test_levers_table_gives_each_lever_its_gain():
 
 
 def test_ablation_on_a_competition_root_runs_the_levers(real_root: Path, monkeypatch, tmp_path: Path):
-    import cellmask.demo.levers as levers
+    import cellmask.demo.experiments.levers as levers
     from cellmask.cli import main
 
     seen = {}

@@ -137,7 +137,7 @@ def test_notebook_is_committed_clean(name):
 def test_notebook_parameters_default_to_kaggle(name):
     params = notebook_parameters(read_notebook(NOTEBOOK_DIR / f"{name}.ipynb"))
     # paths default to None: found under /kaggle/input in either input layout (old: <slug>/; new:
-    # competitions/, datasets/<owner>/, notebooks/<owner>/) by cellmask.kaggle.inputs, or (the
+    # competitions/, datasets/<owner>/, notebooks/<owner>/) by cellmask.data.inputs, or (the
     # wheels, before cellmask is installed) by the install cell; no input path is spelled out
     assert params["DATA"] is None and params["OUT"] is None
     assert params["WHEELS"] is None

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellmask import CLASS_TO_LABEL, CLASSES
+from cellmask.data.classes import CLASS_TO_LABEL, CLASSES
 from cellmask.data.rle import rle_area, rles_to_masks
-from cellmask.postprocess import (
+from cellmask.predict.postprocess import (
     DEFAULT_MIN_AREA,
     DEFAULT_SCORE_THRESHOLDS,
     filter_by_score,

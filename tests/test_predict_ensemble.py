@@ -27,7 +27,6 @@ from cellmask.data.datasets import image_to_tensor
 from cellmask.data.images import read_image
 from cellmask.data.rle import rle_decode
 from cellmask.errors import DataError
-from cellmask.postprocess import filter_by_score, postprocess_instances
 from cellmask.predict import (
     Branch,
     Predictor,
@@ -38,6 +37,7 @@ from cellmask.predict import (
     predict_config,
     predict_folder,
 )
+from cellmask.predict.postprocess import filter_by_score, postprocess_instances
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -155,9 +155,11 @@ class _Wrapper(torch.nn.Module):
 
 
 def test_inference_model_replaces_a_wrapper(tmp_path, monkeypatch):
-    import cellmask.models
+    import cellmask.models.registry
 
-    monkeypatch.setitem(cellmask.models._REGISTRY, "fake_teacher", lambda cfg, n, backbone: _Wrapper())
+    monkeypatch.setitem(
+        cellmask.models.registry._REGISTRY, "fake_teacher", lambda cfg, n, backbone: _Wrapper()
+    )
     cfg = branch_config(FASTER)
     cfg["model"]["type"] = "fake_teacher"
     wrapper = _Wrapper()

@@ -272,7 +272,7 @@ def test_three_way_split_is_disjoint_grouped_and_stratified():
 
 def test_competition_split_holds_images_out_of_training(real_root):
     """`cellmask train` never sees the held-out fold: load_split's train and val miss it."""
-    from cellmask.train import competition_split, load_split
+    from cellmask.training.split import competition_split, load_split
 
     cfg = {"train": {"val_fraction": 0.1, "holdout_fraction": 0.1, "seed": 0}}
     split = competition_split(cfg, real_root)  # 6 sample groups: raised to 1/6 each

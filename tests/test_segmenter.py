@@ -454,7 +454,7 @@ def test_fit_runs_the_segmenter_and_checkpoints_load_weights_only(synthetic_root
 def test_train_command_livecell_then_init_on_competition(synthetic_root, tmp_path):
     """`cellmask train` with the segmenter config (smoke): LIVECell, then --init on the competition
     (same single output: every tensor carried over)."""
-    from cellmask.train import add_train_arguments, cli_train, run_training
+    from cellmask.training.command import add_train_arguments, cli_train, run_training
 
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)

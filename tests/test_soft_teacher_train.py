@@ -1,5 +1,5 @@
 """Soft Teacher training on synthetic labeled + unlabeled images: the parts builder stepped by
-hand, and the smoke run through ``cellmask.train.run_training`` (finite losses, a non-zero
+hand, and the smoke run through ``cellmask.training.command.run_training`` (finite losses, a non-zero
 unsupervised loss once the teacher yields pseudo-boxes, the teacher validated, exact resume)."""
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def _cfg(**overrides) -> dict:
 
 def _parts(cfg: dict, root: Path, out_dir: Path | None):
     from cellmask.engine import DistInfo
-    from cellmask.train import load_split
-    from cellmask.train_soft_teacher import soft_teacher_parts
+    from cellmask.training.soft_teacher import soft_teacher_parts
+    from cellmask.training.split import load_split
 
     train, val, classes = load_split(cfg, root, "sartorius")
     cfg = {**cfg, "data": {"root": str(root), "num_classes": len(classes) + 1}}
@@ -111,7 +111,7 @@ def test_smoke_run_trains_validates_the_teacher_and_resumes_exactly(data_root: P
     """Needs the engine's contracts 1-4 (soft_teacher dispatch, stats, hooks, sharded val_fn)."""
     from cellmask.engine import load_checkpoint
     from cellmask.predict import load_detector
-    from cellmask.train import run_training
+    from cellmask.training.command import run_training
 
     cfg = _cfg()
     full = run_training(cfg, data_root, "sartorius", tmp_path / "full", epochs=2, device="cpu")

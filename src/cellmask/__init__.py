@@ -3,9 +3,8 @@
 Importing the package is cheap: it pulls in no torch. Sub-packages are imported on use.
 """
 
+from cellmask.data.classes import CLASS_TO_LABEL, CLASSES
+
 __version__ = "0.1.0"
 
-CLASSES: tuple[str, ...] = ("shsy5y", "cort", "astro")
-"""Competition classes; label ``i + 1`` is ``CLASSES[i]`` (0 is background)."""
-
-CLASS_TO_LABEL: dict[str, int] = {name: i + 1 for i, name in enumerate(CLASSES)}
+__all__ = ["CLASSES", "CLASS_TO_LABEL", "__version__"]

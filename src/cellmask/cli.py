@@ -43,7 +43,7 @@ def _check_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from cellmask.train import add_train_arguments
+    from cellmask.training.command import add_train_arguments
 
     add_train_arguments(p)
 
@@ -55,19 +55,19 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    from cellmask.evaluate import add_evaluate_arguments
+    from cellmask.evaluate.run import add_evaluate_arguments
 
     add_evaluate_arguments(p)
 
 
 def _tune_args(p: argparse.ArgumentParser) -> None:
-    from cellmask.tune import add_tune_arguments
+    from cellmask.evaluate.tune import add_tune_arguments
 
     add_tune_arguments(p)
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    from cellmask.demo import add_demo_arguments
+    from cellmask.demo.command import add_demo_arguments
 
     add_demo_arguments(p)
 
@@ -89,7 +89,7 @@ COMMANDS: dict[str, tuple[str, str, _Builder]] = {
         _check_args,
     ),
     "train": (
-        "cellmask.train:cli_train",
+        "cellmask.training.command:cli_train",
         "train a model (LIVECell pretraining or competition fine-tuning)",
         _train_args,
     ),
@@ -99,17 +99,17 @@ COMMANDS: dict[str, tuple[str, str, _Builder]] = {
         _predict_args,
     ),
     "evaluate": (
-        "cellmask.evaluate:cli_evaluate",
+        "cellmask.evaluate.run:cli_evaluate",
         "score the ensemble on the validation split (per class, per IoU threshold; --ablation)",
         _evaluate_args,
     ),
     "tune": (
-        "cellmask.tune:cli_tune",
+        "cellmask.evaluate.tune:cli_tune",
         "grid-search the per-class score thresholds and the mask threshold on the validation split",
         _tune_args,
     ),
     "demo": (
-        "cellmask.demo:cli_demo",
+        "cellmask.demo.command:cli_demo",
         "the whole pipeline on synthetic data on a CPU: train, predict, score, submission",
         _demo_args,
     ),

@@ -5,7 +5,6 @@ The synthetic generator writes the same layout as Kaggle, so every reader takes 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,23 +17,6 @@ LOCAL_DEFAULT_ROOT = Path("data/synthetic")
 def on_kaggle() -> bool:
     """True inside a Kaggle kernel (its input folder exists)."""
     return KAGGLE_INPUT.is_dir()
-
-
-def default_data_root(input_root: Path = KAGGLE_INPUT) -> Path:
-    """``$CELLMASK_DATA`` if set, else (on Kaggle: ``input_root`` exists) the competition's
-    folder found under it in either input layout, else ``data/synthetic``.
-
-    Raises:
-        cellmask.kaggle.inputs.InputNotFound: on Kaggle, no competition data is attached (the
-            message lists what was looked for and what the input folder holds).
-    """
-    if env := os.environ.get(DATA_ENV):
-        return Path(env)
-    if input_root.is_dir():
-        from cellmask.kaggle.inputs import competition_root
-
-        return competition_root(input_root)
-    return LOCAL_DEFAULT_ROOT
 
 
 @dataclass(frozen=True)

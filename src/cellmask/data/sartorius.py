@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellmask import CLASS_TO_LABEL
+from cellmask.data.classes import CLASS_TO_LABEL
 from cellmask.data.images import image_size
 from cellmask.data.records import ImageRecord
 from cellmask.data.rle import rle_to_runs, runs_box

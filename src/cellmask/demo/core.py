@@ -184,12 +184,12 @@ def run_demo(
     n_test, pred = submission_step(ctx, predictor, submission)
     ctx.times["total"] = time.perf_counter() - t_start
     summary, table = build_summary(ctx, split, results, scored, fixtures, fixture_result, n_test, pred)
-    from cellmask.demo.report import clean_json, format_summary
+    from cellmask.demo.reports.tables import clean_json, format_summary
 
     (ctx.out / "summary.json").write_text(json.dumps(clean_json(summary), indent=2, default=str) + "\n")
     print(format_summary(summary, table))
     if report is not None:
-        from cellmask.demo.real_report import write_real_report
+        from cellmask.demo.reports.real import write_real_report
 
         path = write_real_report(report, summary, ctx.out, command=command or "cellmask demo")
         print(f"report     {path}")
@@ -198,7 +198,7 @@ def run_demo(
 
 def _figures(ctx: DemoContext, scored: Scored, fixtures: Sequence[Any], fixture_result: Any) -> list[Path]:
     """Training curves, truth-vs-prediction overlays (one image per cell type), the ablation plots."""
-    from cellmask.demo.report import one_per_class, save_comparison
+    from cellmask.demo.reports.tables import one_per_class, save_comparison
 
     main = next(r for r in scored.result.rows if r.row.configured)
     figures = [ctx.out / s.name / "metrics.png" for s in ctx.stages]
@@ -240,7 +240,7 @@ def build_summary(
 ) -> tuple[dict[str, Any], str]:
     """``(summary.json's content (keys SUMMARY_KEYS; NaN where a figure is missing), the printed
     table)``."""
-    from cellmask.demo.report import format_demo_table, table_rows
+    from cellmask.demo.reports.tables import format_demo_table, table_rows
     from cellmask.predict.runs import model_name
 
     rows_all = scored.result.rows

@@ -139,7 +139,7 @@ def data_step(ctx: DemoContext, livecell: bool) -> None:
 def split_step(ctx: DemoContext) -> Any:
     """The competition images' :class:`~cellmask.data.folds.Split` by the first branch's config
     (every run of the demo trains on the same split)."""
-    from cellmask.train import competition_split
+    from cellmask.training.split import competition_split
 
     split = competition_split(ctx.configs[ctx.branch_stages[0].name], ctx.data)
     print(
@@ -210,7 +210,7 @@ class Scored:
         name: ``holdout`` (scored on the held-out fold) or ``val``.
         records: the scored images.
         result: :func:`~cellmask.evaluate.evaluate_predictor`'s result (every row).
-        tuned: :func:`~cellmask.tune.tune_predictor`'s result on the val fold, or ``None``.
+        tuned: :func:`~cellmask.evaluate.tune.tune_predictor`'s result on the val fold, or ``None``.
         tuned_row: the row scored with the tuned thresholds, or ``None``.
         miou: the segmenter's mean mask IoU on the scored images' truth boxes.
     """
@@ -227,12 +227,12 @@ def scored_step(ctx: DemoContext, predictor: Any, split: Any, baseline: bool) ->
     """3. Every row of the ablation (each branch + segmenter, the baseline, the ensemble
     variants) on the held-out fold, with thresholds tuned on the val fold as one more row; on the
     val fold without tuning when there is no held-out fold (the synthetic demo)."""
-    from cellmask.demo.report import write_truth_csv
+    from cellmask.demo.reports.tables import write_truth_csv
     from cellmask.evaluate import Row, evaluate_predictor
+    from cellmask.evaluate.tune import tune_predictor
     from cellmask.models.segmenter import evaluate_segmenter
     from cellmask.paths import CompetitionLayout
     from cellmask.predict.runs import load_run_model, resolve_run
-    from cellmask.tune import tune_predictor
 
     scored = Scored("holdout" if split.holdout else "val", list(split.holdout or split.val), None)
     extra = []

@@ -1,6 +1,6 @@
 """Training the demo's runs: one after another, or two at a time with one thread each.
 
-:func:`train_stages` runs ``cellmask train``'s :func:`~cellmask.train.run_training` for every
+:func:`train_stages` runs ``cellmask train``'s :func:`~cellmask.training.command.run_training` for every
 :class:`~cellmask.demo.plan.Stage` whose initialisation is ready. With ``workers`` > 1 each run
 is a spawned process with ``cpu_count // workers`` torch threads (its log in the run directory's
 ``train.log``) and a progress bar counts the epochs every run has finished; with one worker the
@@ -187,7 +187,7 @@ def _train_job(
             stream=stream,
             force=True,
         )
-    from cellmask.train import run_training
+    from cellmask.training.command import run_training
 
     start = time.perf_counter()
     result = run_training(cfg, data, dataset, out_dir, init=init, epochs=epochs, device=device)

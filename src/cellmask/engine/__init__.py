@@ -101,7 +101,8 @@ from cellmask.engine.loop import (
 )
 from cellmask.engine.optim import NO_DECAY_KEYS, build_optimizer, build_scheduler, lr_factor
 from cellmask.engine.rng import item_seed, rng_state, seed_everything, set_rng_state
-from cellmask.engine.runner import Run, ValFn, fit
+from cellmask.engine.run import Run, ValFn
+from cellmask.engine.runner import fit
 
 __all__ = [
     "NO_DECAY_KEYS",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cellmask import CLASSES
+from cellmask.data.classes import CLASSES
 
 __all__ = ["ablation_records", "format_ablation", "plot_ablation", "write_ablation"]
 
@@ -132,3 +133,50 @@ def write_ablation(results: Sequence[Any], out_dir: str | Path, n_images: int) -
         + "\n"
     )
     return {"md": md_path, "csv": csv_path, "per_class": figures[0], "per_threshold": figures[1]}
+
+
+def write_tune_files(result: Any, predictor: Any, out: Path) -> dict[str, Path]:
+    """Write what :func:`cellmask.evaluate.tune.tune_predictor` found under ``out``:
+    ``tuned.predict.yaml`` (the predictor's options with the tuned values), ``tune.json`` and the
+    per-class curves ``tune.png``; returns ``{"config", "json", "plot"}`` paths."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from cellmask.predict.options import save_predict_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    tuned_opts = {**predictor.options, **result.best}
+    files = {"config": save_predict_config(tuned_opts, out / "tuned.predict.yaml", predictor.describe_runs())}
+    summary = {
+        "best": result.best,
+        "configured": result.configured,
+        "score": result.score,
+        "default_score": result.default_score,
+        "gain": result.gain,
+        "search_score": result.search_score,
+        "search_default": result.search_default,
+        "curves": {str(m): c for m, c in result.curves.items()},
+    }
+    files["json"] = out / "tune.json"
+    files["json"].write_text(json.dumps(summary, indent=2) + "\n")
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(CLASSES), sharey=True)
+    m = result.best["mask_threshold"]
+    for ax, c in zip(axes, CLASSES, strict=True):
+        for mask_thr, curves in result.curves.items():
+            if c in curves:
+                xs, ys = zip(*curves[c], strict=True)
+                ax.plot(xs, ys, lw=2 if mask_thr == m else 1, label=f"mask {mask_thr}")
+        ax.axvline(result.configured["score_thresholds"][c], color="gray", ls="--", lw=1)
+        ax.axvline(result.best["score_thresholds"][c], color="red", lw=1)
+        ax.set_title(
+            f"{c}: {result.configured['score_thresholds'][c]} -> {result.best['score_thresholds'][c]}"
+        )
+        ax.set_xlabel("score threshold")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("score (grid search)")
+    axes[-1].legend(fontsize=7)
+    files["plot"] = out / "tune.png"
+    fig.savefig(files["plot"], dpi=100)
+    return files

@@ -80,7 +80,7 @@ def ablation_rows(
 
     ``options`` are the configured ones; the row equal to them is marked ``configured``.
     """
-    from cellmask.postprocess import DEFAULT_MIN_AREA
+    from cellmask.predict.postprocess import DEFAULT_MIN_AREA
 
     min_area = options["min_area"] if _on(options["min_area"]) else dict(DEFAULT_MIN_AREA)
     rows = [Row(f"{name} + segmenter", (name,), tta=False) for name in branch_names]

@@ -2,7 +2,7 @@
 
 - :mod:`cellmask.kaggle.notebooks`: committed notebooks stay clean (no outputs, canonical
   metadata) and take their parameters from one tagged cell (``make notebooks-clean``).
-- :mod:`cellmask.kaggle.inputs`: what a kernel reads under ``/kaggle/input``, found by marker
+- :mod:`cellmask.data.inputs`: what a kernel reads under ``/kaggle/input``, found by marker
   files in both layouts Kaggle mounts (``<slug>/``; ``competitions/``, ``datasets/<owner>/``,
   ``notebooks/<owner>/``), and the run a continuation resumes.
 - :mod:`cellmask.kaggle.session`: what the notebooks call: paths on Kaggle and in a checkout,

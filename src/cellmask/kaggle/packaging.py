@@ -186,14 +186,14 @@ def with_run_options(
     ``resume_from`` names one version of a kernel, ``owner/slug/N`` (normally an earlier version
     of this one): it is attached pinned to that version (``kernel_sources``), so its output,
     ``last.pt`` included, is mounted, and the notebook continues that run from its next step
-    (:func:`cellmask.kaggle.inputs.resume_run`).
+    (:func:`cellmask.data.inputs.resume_run`).
 
     Raises:
         ValueError: ``epochs`` < 1, an override that is not ``KEY.PATH=VALUE``, or a
             ``resume_from`` that is not ``owner/slug/N``.
     """
     from cellmask.config import parse_overrides
-    from cellmask.kaggle.inputs import parse_kernel_ref
+    from cellmask.data.inputs import parse_kernel_ref
 
     params, sources = dict(spec.parameters), list(spec.sources)
     if epochs is not None:

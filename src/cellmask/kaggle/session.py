@@ -3,7 +3,7 @@ stage, and the small tables and figures they show. Model code stays in the rest 
 
 On Kaggle the inputs are mounted under ``/kaggle/input`` in one of two layouts (``<slug>/``, or
 ``competitions/<competition>/``, ``datasets/<owner>/<slug>/`` and ``notebooks/<owner>/<slug>/``
-for other kernels' outputs); :mod:`cellmask.kaggle.inputs` finds each by its marker files. A
+for other kernels' outputs); :mod:`cellmask.data.inputs` finds each by its marker files. A
 kernel writes to ``/kaggle/working``. From a checkout the same notebooks read ``data/synthetic``
 (or ``$CELLMASK_DATA``) and ``configs/`` and write ``runs/``.
 Runs are laid out as ``<out>/<dataset>/<config name>/`` (``livecell/faster_rcnn_swin_t``), so
@@ -19,14 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cellmask.kaggle.inputs import (
-    CODE_INPUT,
-    find,
-    find_run,
-    not_found,
-    resume_run,
-)
-from cellmask.paths import KAGGLE_INPUT, KAGGLE_WORKING, default_data_root, on_kaggle
+from cellmask.data.inputs import CODE_INPUT, default_data_root, find, find_run, not_found, resume_run
+from cellmask.paths import KAGGLE_INPUT, KAGGLE_WORKING, on_kaggle
 
 
 def checkout_root(start: str | Path | None = None) -> Path | None:
@@ -89,13 +83,13 @@ def notebook_paths(
 ) -> NotebookPaths:
     """Resolve a notebook's ``DATA`` / ``OUT`` / ``CONFIGS`` parameters (``None``: the default).
 
-    Defaults: data :func:`cellmask.paths.default_data_root` (the competition's folder under
+    Defaults: data :func:`cellmask.data.inputs.default_data_root` (the competition's folder under
     ``input_root`` on Kaggle; a relative default is taken from the checkout's root); out
     ``/kaggle/working`` on Kaggle, else ``runs/`` of the checkout; configs ``configs/`` of the
     checkout, else the cellmask-code dataset's (:func:`code_configs`). ``out`` is created.
 
     Raises:
-        cellmask.kaggle.inputs.InputNotFound: on Kaggle with ``data`` unset, no competition data
+        cellmask.data.inputs.InputNotFound: on Kaggle with ``data`` unset, no competition data
             under ``input_root``.
     """
     root = checkout_root()
@@ -129,13 +123,13 @@ def livecell_init(
 
     ``init`` if given; ``None`` (the config's ImageNet backbone) if ``from_imagenet``; else the
     ``best.pt`` of the branch's LIVECell run ``livecell/<branch>`` (notebook 01) under ``roots``
-    or any input (:func:`cellmask.kaggle.inputs.find_run`). Without one, the ``paper`` profile
+    or any input (:func:`cellmask.data.inputs.find_run`). Without one, the ``paper`` profile
     stops (hours of GPU training from ImageNet weights would not be the paper's model); the
     other profiles (demo, smoke) go on from the config's backbone (``None``).
 
     Raises:
         ValueError: both ``init`` and ``from_imagenet``.
-        cellmask.kaggle.inputs.InputNotFound: profile ``paper``, no ``init``, ``from_imagenet``
+        cellmask.data.inputs.InputNotFound: profile ``paper``, no ``init``, ``from_imagenet``
             unset and no LIVECell run (the message says what was looked for and how to fix it).
     """
     if init is not None and from_imagenet:
@@ -231,7 +225,7 @@ def train_stage(
         resume_from: the run to continue (a paper-scale stage takes longer than one Kaggle
             session): a run directory, an earlier kernel version's output folder, or that
             kernel ``owner/slug/N`` attached as a kernel source
-            (:func:`cellmask.kaggle.inputs.resume_run`); copied into the run directory and
+            (:func:`cellmask.data.inputs.resume_run`); copied into the run directory and
             continued from its ``last.pt``, bit-exactly where it stopped.
         input_root: where Kaggle mounts the inputs.
 
@@ -239,12 +233,12 @@ def train_stage(
     :data:`KAGGLE_SESSION_HOURS` (:func:`session_budget`): training stops cleanly after the step
     that passes it, ``last.pt`` written, and the notebook goes on to the end (the kernel
     completes; the next version continues with ``RESUME_FROM``).
-        the rest: as :func:`cellmask.train.run_training` and :func:`cellmask.config.load_config`.
+        the rest: as :func:`cellmask.training.command.run_training` and :func:`cellmask.config.load_config`.
 
     Returns:
-        :func:`~cellmask.train.run_training`'s result, plus ``run_dir``.
+        :func:`~cellmask.training.command.run_training`'s result, plus ``run_dir``.
     """
-    from cellmask.train import run_training
+    from cellmask.training.command import run_training
 
     cfg = stage_config(paths, config, dataset, profile, overrides)
     budget = session_budget(cfg)
@@ -272,7 +266,7 @@ def validation_records(run_dir: str | Path, data: str | Path) -> list[Any]:
     """The validation images of a run: the split its own ``config.yaml`` made of ``data``."""
     import yaml
 
-    from cellmask.train import load_split
+    from cellmask.training.split import load_split
 
     cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
     dataset = (cfg.get("data") or {}).get("dataset", "sartorius")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cellmask import CLASSES
+from cellmask.data.classes import CLASSES
 from cellmask.errors import DataError
 from cellmask.metric.iou import RLEError, Runs, iou_pairs_from_runs, rles_to_runs
 

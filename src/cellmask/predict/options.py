@@ -16,9 +16,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from cellmask import CLASSES
+from cellmask.data.classes import CLASSES
 from cellmask.errors import DataError
-from cellmask.postprocess import DEFAULT_MIN_AREA, DEFAULT_SCORE_THRESHOLDS
+from cellmask.predict.postprocess import DEFAULT_MIN_AREA, DEFAULT_SCORE_THRESHOLDS
 
 __all__ = [
     "PAPER_EXACT",
@@ -64,7 +64,7 @@ PREDICT_DEFAULTS: dict[str, Any] = {
   overlap removal; off in the paper);
 - ``min_area``: per-class minimum instance area in pixels after overlap removal, or one int (not
   in the paper: 0 there); the defaults are near the 1st percentile of real cell areas
-  (:data:`cellmask.postprocess.DEFAULT_MIN_AREA`);
+  (:data:`cellmask.predict.postprocess.DEFAULT_MIN_AREA`);
 - ``batch_size``: ``images`` read and detected per chunk (every branch runs on the chunk before
   the next branch), ``detector`` images (TTA views included) per detector forward,
   ``segmenter`` crops per segmenter forward (``None``: the segmenter run's own);

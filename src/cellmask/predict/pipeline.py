@@ -10,7 +10,7 @@
     -> Instances                          windowed disjoint masks, one RLE row each
 
 Masks stay in per-box windows end to end (:class:`~cellmask.models.segmenter.PastedMasks`
-from the paste, :func:`~cellmask.postprocess.remove_overlaps_windows`,
+from the paste, :func:`~cellmask.predict.postprocess.remove_overlaps_windows`,
 :func:`~cellmask.submission.window_to_rle`): no ``[N, H, W]`` stack is built for an image of
 1000 cells.
 """
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cellmask.postprocess import filter_by_score, min_area_for, remove_overlaps_windows
+from cellmask.predict.postprocess import filter_by_score, min_area_for, remove_overlaps_windows
 from cellmask.predict.tta import Detections
 
 __all__ = [

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import yaml
 
-from cellmask import CLASSES
+from cellmask.data.classes import CLASSES
 
 __all__ = [
     "MODEL_NAMES",

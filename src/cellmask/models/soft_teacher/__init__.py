@@ -9,7 +9,7 @@
 - :mod:`.figure`: the teacher's pseudo-boxes drawn on unlabeled images.
 
 The weak/strong views and the labeled + unlabeled batches are in :mod:`cellmask.data.semi`;
-training is wired in :mod:`cellmask.train_soft_teacher`.
+training is wired in :mod:`cellmask.training.soft_teacher`.
 """
 
 from cellmask.models.soft_teacher.model import SoftTeacher, build_soft_teacher

@@ -133,7 +133,7 @@ class SoftTeacher(nn.Module):
             raise TypeError(
                 "SoftTeacher.training_step takes a cellmask.data.semi.collate_semi batch (labeled + "
                 f"unlabeled views), got {type(batch).__name__}: build the loader with "
-                "cellmask.train_soft_teacher.soft_teacher_parts (model.type soft_teacher)"
+                "cellmask.training.soft_teacher.soft_teacher_parts (model.type soft_teacher)"
             )
         images, targets = batch["labeled"]
         sup = self.student(list(images), list(targets))
@@ -261,7 +261,7 @@ def build_soft_teacher(
     The student is the Faster R-CNN of the same ``model`` section (``type: faster_rcnn``, built on
     ``backbone`` when given); the teacher a copy of it. Soft Teacher's numbers come from
     ``model_cfg["semi"]`` (the run config's top-level ``semi:`` section, which
-    ``cellmask.train_soft_teacher`` passes in; absent: the defaults, which is all inference needs).
+    ``cellmask.training.soft_teacher`` passes in; absent: the defaults, which is all inference needs).
     """
     from cellmask.models.faster_rcnn import build_faster_rcnn
 

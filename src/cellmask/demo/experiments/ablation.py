@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cellmask import CLASSES
 from cellmask.demo.plan import (
     ABLATION_LIVECELL,
     BASELINE,
@@ -39,83 +36,10 @@ from cellmask.demo.plan import (
     default_config_dir,
     demo_stages,
 )
+from cellmask.demo.reports.ablation import format_ablation_md
+from cellmask.demo.reports.machine import machine_line
 
-__all__ = ["PAPER", "format_ablation_md", "machine_line", "run_ablation"]
-
-PAPER: dict[str, float] = {"baseline": 30.6, "single_low": 30.6, "single_high": 31.9, "ensemble": 33.2}
-"""MDE-CellMask's own results (Kaggle metric x 100, the paper's Table 1 as summarised in the
-project's design notes): the Cascade Mask R-CNN baseline, the range of the single detectors
-with the segmenter, the ensemble. Per-class figures are not given there."""
-
-
-def _paper_figure(row: Mapping[str, Any]) -> str:
-    if row["baseline"]:
-        return f"{PAPER['baseline']:.1f}"
-    if row["branches"] == 1 and "LIVECell" not in row["row"]:
-        return f"{PAPER['single_low']:.1f}-{PAPER['single_high']:.1f}"
-    if row["row"].startswith("ensemble + TTA") and row["configured"]:
-        return f"{PAPER['ensemble']:.1f}"
-    return ""
-
-
-def _num(value: float) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
-
-
-def format_ablation_md(
-    rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], figures: Sequence[Path], md_dir: Path
-) -> str:
-    """``benchmarks/ABLATION.md``: the table (synthetic validation per class, real images, the
-    paper's figure), how it was made, the figures."""
-    head = ["row", "synthetic val", *CLASSES, f"real ({info['n_real']} images)", "paper (x100)"]
-    lines = [
-        "# Ablation: paper Table 1's rows on the demo's models",
-        "",
-        f"Made by `{info['command']}` in {info['minutes']:.1f} min on {info['machine']} "
-        f"({info['when']}; load average {info['load']}). Every model is trained from scratch on "
-        f"synthetic data in the `{info['profile']}` profile (the same architectures at reduced width and depth, "
-        "minutes of CPU; no ImageNet weights offline), so the absolute figures are far below the "
-        "paper's: what carries over is the comparison between rows, measured on "
-        f"{info['n_val']} synthetic validation images and on the {info['n_real']} real annotated "
-        "images of `tests/fixtures/sartorius_real` at their native 520x704.",
-        "",
-        "Competition metric (mean over IoU thresholds 0.50-0.95 of TP / (TP + FP + FN)). "
-        "`*` = the pipeline as configured (paper values + class vote + minimum areas). "
-        "The paper's column: MDE-CellMask's own Kaggle scores x 100 "
-        f"(baseline {PAPER['baseline']}, single detectors {PAPER['single_low']}-{PAPER['single_high']}, "
-        f"ensemble {PAPER['ensemble']}); the paper gives no per-class figures.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|---|" + "|".join("---:" for _ in head[1:]) + "|",
-    ]
-    best = max(r["score"] for r in rows)
-    for r in rows:
-        name = r["row"] + (" *" if r["configured"] else "")
-        score = _num(r["score"])
-        cells = [name, f"**{score}**" if r["score"] == best else score]
-        cells += [_num(r[c]) for c in CLASSES]
-        cells += [_num(r["real"]), _paper_figure(r)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Training (wall time of each run; runs train two at a time, one thread each):", ""]
-    lines += [f"- {name}: {desc}" for name, desc in info["runs"].items()]
-    lines += [""]
-    lines += [f"![{p.stem}]({p.relative_to(md_dir).as_posix()})" for p in figures]
-    return "\n".join(lines) + "\n"
-
-
-def machine_line() -> str:
-    """The CPU's model name, cores, torch and Python versions (the reports' machine line)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+__all__ = ["run_ablation"]
 
 
 def _relabel(results: Sequence[Any], names: Mapping[str, str]) -> list[Any]:
@@ -149,13 +73,13 @@ def run_ablation(
     from cellmask.demo.core import load_stage_configs, write_demo_data
     from cellmask.demo.plan import QUICK_DATASET, QUICK_EPOCHS
     from cellmask.demo.real import real_records, score_real
-    from cellmask.demo.report import clean_json, format_demo_table, table_rows
+    from cellmask.demo.reports.tables import clean_json, format_demo_table, table_rows
     from cellmask.demo.training import default_workers, train_stages
     from cellmask.evaluate import Row, evaluate_predictor, run_rows
     from cellmask.evaluate.report import plot_ablation
     from cellmask.predict import Predictor
     from cellmask.predict.runs import load_run_model, resolve_run
-    from cellmask.train import load_split
+    from cellmask.training.split import load_split
 
     start = time.perf_counter()
     progress = sys.stderr.isatty() if progress is None else progress

@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cellmask import CLASSES
-from cellmask.demo.ablation import machine_line
+from cellmask.data.classes import CLASSES
+from cellmask.demo.reports.machine import machine_line
 
 __all__ = ["TARGETS", "format_real_md", "write_real_report"]
 

@@ -24,7 +24,6 @@ configured ``predict`` section with the tuned values: ``cellmask predict --confi
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cellmask import CLASSES
+from cellmask.data.classes import CLASSES
+from cellmask.evaluate.report import write_tune_files
 
 __all__ = [
     "MASK_GRID",
@@ -186,7 +186,7 @@ def _image_score(
     img: _Image, thresholds: Mapping[str, float], mask_threshold: float, opts: Mapping[str, Any]
 ) -> float:
     from cellmask.metric import image_precision, iou_matrix
-    from cellmask.postprocess import filter_by_score, min_area_for, remove_overlaps_windows
+    from cellmask.predict.postprocess import filter_by_score, min_area_for, remove_overlaps_windows
     from cellmask.submission import window_to_rle
 
     keep = (
@@ -287,7 +287,7 @@ def tune_predictor(
         seconds=0.0,
     )
     if out is not None:
-        result.files = _write(result, predictor, Path(out))
+        result.files = write_tune_files(result, predictor, Path(out))
         result.config = result.files["config"]
     result.seconds = time.perf_counter() - start
     return result
@@ -312,50 +312,6 @@ def _verify(
         for k, opts in enumerate(options):
             preds[k][record.image_id] = predictor.rles(predictor.finish(tensor, img.fused, opts, store))
     return [score_submission(records, p).score for p in preds]
-
-
-def _write(result: TuneResult, predictor: Any, out: Path) -> dict[str, Path]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from cellmask.predict.options import save_predict_config
-
-    out.mkdir(parents=True, exist_ok=True)
-    tuned_opts = {**predictor.options, **result.best}
-    files = {"config": save_predict_config(tuned_opts, out / "tuned.predict.yaml", predictor.describe_runs())}
-    summary = {
-        "best": result.best,
-        "configured": result.configured,
-        "score": result.score,
-        "default_score": result.default_score,
-        "gain": result.gain,
-        "search_score": result.search_score,
-        "search_default": result.search_default,
-        "curves": {str(m): c for m, c in result.curves.items()},
-    }
-    files["json"] = out / "tune.json"
-    files["json"].write_text(json.dumps(summary, indent=2) + "\n")
-    fig = Figure(figsize=(9, 3.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(CLASSES), sharey=True)
-    m = result.best["mask_threshold"]
-    for ax, c in zip(axes, CLASSES, strict=True):
-        for mask_thr, curves in result.curves.items():
-            if c in curves:
-                xs, ys = zip(*curves[c], strict=True)
-                ax.plot(xs, ys, lw=2 if mask_thr == m else 1, label=f"mask {mask_thr}")
-        ax.axvline(result.configured["score_thresholds"][c], color="gray", ls="--", lw=1)
-        ax.axvline(result.best["score_thresholds"][c], color="red", lw=1)
-        ax.set_title(
-            f"{c}: {result.configured['score_thresholds'][c]} -> {result.best['score_thresholds'][c]}"
-        )
-        ax.set_xlabel("score threshold")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("score (grid search)")
-    axes[-1].legend(fontsize=7)
-    files["plot"] = out / "tune.png"
-    fig.savefig(files["plot"], dpi=100)
-    return files
 
 
 def tune(
@@ -387,7 +343,7 @@ def tune(
     Returns:
         a :class:`TuneResult` (``.best``, ``.score``, ``.default_score``, ``.gain``, ``.config``).
     """
-    from cellmask.evaluate import predictor_and_records
+    from cellmask.evaluate.run import predictor_and_records
 
     options = {"config": config, "overrides": overrides, "device": device, "cache": cache}
     predictor, records = predictor_and_records(data, runs, segmenter, split, **options)

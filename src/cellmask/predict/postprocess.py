@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from cellmask import CLASS_TO_LABEL, CLASSES
+from cellmask.data.classes import CLASS_TO_LABEL, CLASSES
 
 __all__ = [
     "DEFAULT_MIN_AREA",

@@ -1,6 +1,6 @@
 """Training parts of Soft Teacher (branch 4), picked by ``cellmask train`` for ``model.type: soft_teacher``.
 
-:func:`soft_teacher_parts` follows the parts-builder contract of ``cellmask.train``
+:func:`soft_teacher_parts` follows the parts-builder contract of ``cellmask.training.command``
 (``(cfg, train_records, val_records, num_classes, info) -> (model, train_loader, val_fn)``):
 
 - the model: :class:`~cellmask.models.soft_teacher.SoftTeacher` built by ``build_detector``
@@ -26,7 +26,7 @@ from cellmask.config import get
 
 __all__ = ["SEMI_KEYS", "soft_teacher_parts"]
 
-log = logging.getLogger("cellmask.train_soft_teacher")
+log = logging.getLogger("cellmask.training.soft_teacher")
 
 SEMI_KEYS = (
     "unlabeled_dir",
@@ -63,13 +63,13 @@ def soft_teacher_parts(
     import numpy as np
     from torch.utils.data import Subset
 
-    from cellmask.coco_eval import evaluate_detector
     from cellmask.data.datasets import DetectionDataset, ImageSource, collate
     from cellmask.data.semi import SemiDataset, TwoViewDataset, collate_semi, load_unlabeled, semi_data_config
     from cellmask.data.transforms import build_transforms
     from cellmask.engine import build_eval_loader, build_train_loader, seed_everything, shard
     from cellmask.models import build_detector
     from cellmask.models.soft_teacher.figure import pseudo_boxes, save_pseudo_box_figure
+    from cellmask.training.validation import evaluate_detector
 
     semi = dict(cfg.get("semi") or {})
     _check_semi(semi)

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cellmask import CLASSES
+from cellmask.data.classes import CLASSES
 
 __all__ = [
     "box_ap_per_class",
@@ -44,7 +44,7 @@ def box_ap_per_class(detections: Sequence[Mapping[str, Any]], records: Sequence[
     """
     import numpy as np
 
-    from cellmask.coco_eval import coco_box_ap
+    from cellmask.training.validation import coco_box_ap
 
     out = {}
     for label, name in enumerate(CLASSES, start=1):
