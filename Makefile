@@ -121,9 +121,10 @@ wheels: setup
 
 # datasets/cellmask-weights: best.pt + config.yaml of each run, the segmenter, the tuned predict config.
 # Default: every run under $(RUNS_FROM); or RUNS="runs/a runs/b" SEGMENTER=runs/seg PREDICT_CONFIG=file.
+# Only finished runs (every planned epoch, status.json) are packed, unless ACCEPT_UNFINISHED=1.
 weights: setup
 	$(KAGGLE) weights --from $(RUNS_FROM) $(if $(RUNS),--runs $(RUNS)) $(if $(SEGMENTER),--segmenter $(SEGMENTER)) \
-		$(if $(PREDICT_CONFIG),--predict-config $(PREDICT_CONFIG))
+		$(if $(PREDICT_CONFIG),--predict-config $(PREDICT_CONFIG)) $(if $(filter 1 yes true,$(ACCEPT_UNFINISHED)),--accept-unfinished)
 
 # datasets/cellmask-code: configs/, src/, notebooks/ (the kernels read their configs from it).
 code-dataset: setup
@@ -139,20 +140,24 @@ push-datasets: setup
 push: setup
 	$(KAGGLE) push $(if $(ACCELERATOR),--accelerator $(ACCELERATOR))
 
-# A training notebook as a kernel: make push-train NB=02_finetune_faster_rcnn_swin_t
+# A training notebook as a kernel, once the datasets it attaches are live on Kaggle:
+# make push-train NB=02_finetune_faster_rcnn_swin_t
 # (01_pretrain_livecell: BRANCH=faster_rcnn_swin_t, required, pushes one branch's pretraining).
 # EPOCHS, OVERRIDES (space-separated KEY=VALUE) go into the notebook's parameters; a session
-# stops training at 11.5 h with last.pt written, and RESUME_FROM=<you>/<slug>/<version> pushes a
-# new version that attaches that version's output and continues its run from the next step.
-PUSH_TRAIN_USAGE := usage: make push-train NB=<notebook, e.g. 02_finetune_faster_rcnn_swin_t> [BRANCH=<config>, required for 01] [EPOCHS=N] [RESUME_FROM=<owner>/<kernel slug>/<version>] [OVERRIDES="key=value ..."] [ACCELERATOR=NvidiaTeslaT4]
+# stops training before 11.5 h from its start with last.pt written, and
+# RESUME_FROM=<you>/<slug>/<version> pushes a new version that attaches that version's output and
+# continues its run from the next step (with the run's own config and epochs; EXTEND=1 EPOCHS=N
+# for a longer schedule).
+PUSH_TRAIN_USAGE := usage: make push-train NB=<notebook, e.g. 02_finetune_faster_rcnn_swin_t> [BRANCH=<config>, required for 01] [EPOCHS=N] [RESUME_FROM=<owner>/<kernel slug>/<version> [EXTEND=1]] [OVERRIDES="key=value ..."] [ACCELERATOR=NvidiaTeslaT4]
 push-train: setup
 	@test -n "$(NB)" || { echo "$(PUSH_TRAIN_USAGE)"; exit 2; }
 	@case "$(NB)" in *01_pretrain_livecell*) test -n "$(BRANCH)" || { echo "make push-train: 01_pretrain_livecell pushes one branch per kernel: BRANCH is required"; echo "$(PUSH_TRAIN_USAGE)"; exit 2; };; esac
 	$(KAGGLE) push-train $(NB) $(if $(BRANCH),--branch $(BRANCH)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 		$(if $(RESUME_FROM),--resume-from $(RESUME_FROM)) $(if $(OVERRIDES),--overrides $(OVERRIDES)) \
-		$(if $(ACCELERATOR),--accelerator $(ACCELERATOR))
+		$(if $(filter 1 yes true,$(EXTEND)),--extend) $(if $(ACCELERATOR),--accelerator $(ACCELERATOR))
 
-# Download the training kernels' outputs (02-06) into runs/, for make weights.
+# Download the training kernels' outputs (02-06) into runs/, for make weights: per run best.pt,
+# config.yaml, metrics.csv and status.json only (not last.pt nor the epoch checkpoints).
 pull-runs: setup
 	$(KAGGLE) pull-runs
 

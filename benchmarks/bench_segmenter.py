@@ -35,6 +35,20 @@ gradients, AdamW's two moments) plus ``N x slope``, plus the CUDA context and cu
 (a few hundred MB, outside ``torch.cuda.max_memory_allocated``) and allocator slack (~10-20%).
 ``benchmarks/gpu_check.sh`` measures it on a GPU.
 
+Chunked items on a crowded image (``--chunks``): a synthetic 520x704 image of ``--cells`` (2000)
+10x10-pixel cells on a 13-pixel grid (a crowded competition image's density) under three
+``crops`` layouts: the paper's chunks (``chunk_size: 64``: 32 items, every cell once an epoch),
+the old per-image cap (``max_instances: 64``: one item of 64 random cells, 3% of the image an
+epoch) and one item of every cell (no cap). Per layout, the loader's item: time (median over the
+image's items), Python/numpy peak (``tracemalloc``, a second pass: it slows Python down) and the
+item's tensors; and one training step on two of its items, in a fresh subprocess as above (peak
+RSS over the model's, time; ``--chunk-dtypes`` bf16 by default, ``bf16,fp32`` for both). The
+one-item layout's step (2 x 2000 crops) is not run: its memory is predicted from the per-crop
+slope of the chunked step. A step is skipped like a sweep count (``--memory-fraction``; a
+128-crop bf16 step is predicted at 11 GB, measured at 8.1 GB with the model), e.g.::
+
+    .venv/bin/python benchmarks/bench_segmenter.py --threads 1 --skip-inference --skip-train --chunks --memory-fraction 0.7
+
 ``--threads`` sets ``torch.set_num_threads`` (default: torch's own choice), e.g.::
 
     .venv/bin/python benchmarks/bench_segmenter.py --threads 1
@@ -50,7 +64,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -283,6 +299,138 @@ def train_sweep(args: argparse.Namespace) -> None:
     )
 
 
+# ------------------------------------------------------------------ chunked items, crowded image
+
+LAYOUTS: dict[str, dict] = {  # crops-section overrides
+    "chunked (paper, chunk_size 64)": {"chunk_size": 64, "max_instances": None},
+    "old cap (max_instances 64)": {"chunk_size": None, "max_instances": 64},
+    "one item of every cell": {"chunk_size": None, "max_instances": None},
+}
+
+
+def crowded_dataset(folder: Path, layout: str, args: argparse.Namespace) -> tuple[object, int]:
+    """``(CropDataset, items per epoch of the image)``: layout ``layout`` over a synthetic 520x704
+    image of ``args.cells`` 10x10 cells (RLE run by run: no full-image mask stack), listed twice
+    so that a per-image layout fills a 2-item step too."""
+    import cv2
+    import numpy as np
+
+    from cellmask.config import load_config
+    from cellmask.data.crops import CropDataset
+    from cellmask.data.records import ImageRecord
+
+    height, width, pitch, side = 520, 704, 13, 10
+    cols = (width - 2) // pitch
+    corners = [(1 + (i // cols) * pitch, 1 + (i % cols) * pitch) for i in range(args.cells)]
+    if corners[-1][0] + side > height:
+        raise ValueError(f"{args.cells} cells do not fit a {height}x{width} image")
+    image = np.full((height, width), 40, dtype=np.uint8)
+    for y, x in corners:
+        image[y : y + side, x : x + side] = 200
+    cv2.imwrite(str(folder / "crowded.png"), image)
+    record = ImageRecord(
+        image_id="crowded", path=folder / "crowded.png", height=height, width=width,
+        boxes=np.array([[x, y, x + side, y + side] for y, x in corners], dtype=np.float32),
+        labels=np.ones(args.cells, dtype=np.int64), seg_format="rle",
+        segmentations=[" ".join(f"{(y + r) * width + x + 1} {side}" for r in range(side)) for y, x in corners],
+    )  # fmt: skip
+    cfg = load_config(CONFIG, args.profile, overrides=["model.backbone.pretrained=false", *args.overrides])
+    crops, crop = {**cfg["crops"], **LAYOUTS[layout]}, cfg["model"]["crop"]
+    dataset = CropDataset(
+        [record, record], crops, size=int(crop["size"]), sampling_ratio=int(crop["sampling_ratio"]),
+        image_cache=bool(cfg["train"]["image_cache"]),
+    )  # fmt: skip
+    return dataset, (len(dataset) // 2 if crops["chunk_size"] else 1)
+
+
+def chunk_step_child(args: argparse.Namespace) -> None:
+    """One measured training step on the first two items of layout ``args.chunk_step``."""
+    from cellmask.data.crops import step_subset
+    from cellmask.data.datasets import collate
+
+    with tempfile.TemporaryDirectory() as folder:
+        dataset, _ = crowded_dataset(Path(folder), list(LAYOUTS)[args.chunk_step], args)
+        torch.manual_seed(0)
+        batch = collate([dataset[0], dataset[1]])
+    model, _ = build(args.profile, args.overrides)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-2)
+
+    def step(b: tuple[list, list]) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            losses = model.training_step(b)
+        sum(losses.values()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(([c[:1] for c in batch[0]], [{"masks": t["masks"][:1]} for t in batch[1]]))  # AdamW state
+    before = rss_mb()
+    start = time.perf_counter()
+    step(batch)
+    seconds = time.perf_counter() - start
+    keep, offered = step_subset(batch[1]), sum(len(c) for c in batch[0])
+    row = {"crops": offered if keep is None else len(keep), "offered": offered, "seconds": round(seconds, 2)}
+    print(json.dumps(row | {"rss_before_mb": round(before, 1), "step_mb": round(peak_rss_mb() - before, 1)}))
+
+
+def chunk_report(args: argparse.Namespace) -> None:
+    """The loader's items and a training step per layout (see the module docstring)."""
+    print(f"\n== chunked items on a crowded image ({args.cells} cells, 520x704, {args.profile} profile)")
+    print("layout | items/epoch | crops/item | item time | item py peak | item tensors | crops/epoch")
+    with tempfile.TemporaryDirectory() as folder:
+        for layout in LAYOUTS:
+            dataset, items = crowded_dataset(Path(folder), layout, args)
+            seconds, peaks, counts, tensor_mb = [], [], [], 0.0
+            for index in range(items):
+                torch.manual_seed(index)
+                start = time.perf_counter()
+                crops, target = dataset[index]
+                seconds.append(time.perf_counter() - start)
+                counts.append(len(crops))
+                tensor_mb = max(tensor_mb, (crops.nbytes + target["masks"].nbytes) / MB)
+            tracemalloc.start()  # a second pass: tracing slows Python down
+            for index in range(items):
+                torch.manual_seed(index)
+                tracemalloc.reset_peak()
+                dataset[index]
+                peaks.append(tracemalloc.get_traced_memory()[1] / MB)
+            tracemalloc.stop()
+            print(
+                f"{layout} | {items} | {min(counts)}-{max(counts)} | {statistics.median(seconds) * 1e3:.0f} ms"
+                f" | {max(peaks):.1f} MB | {tensor_mb:.1f} MB | {sum(counts)} ({100 * sum(counts) / args.cells:.0f}%)"
+            )
+    print("step of 2 items | mode | crops trained (offered) | step peak over the model | step time")
+    slopes: dict[str, float] = {}
+    for index, layout in enumerate(LAYOUTS):
+        for mode in args.chunk_dtypes.split(","):
+            if layout == "one item of every cell":  # predicted from the chunked step's slope
+                need = 2 * args.cells * slopes.get(mode, float("nan")) / 1024
+                print(f"{layout} | {mode} | {2 * args.cells} uncapped: not run, ~{need:.0f} GB predicted")
+                continue
+            if (
+                2048 + (70 if mode == "bf16" else 120) * 128 > args.memory_fraction * available_mb()
+            ):  # 128 crops
+                print(f"{layout} | {mode} | skipped: {available_mb() / 1024:.1f} GB available")
+                continue
+            cmd = [sys.executable, __file__, "--chunk-step", str(index), "--cells", str(args.cells)]
+            cmd += ["--profile", args.profile, *[f"--set={o}" for o in args.overrides]]
+            cmd += [
+                "--threads",
+                str(args.threads or torch.get_num_threads()),
+                *(["--bf16"] * (mode == "bf16")),
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode:
+                print(f"{layout} | {mode} | failed (exit {out.returncode}): {out.stderr[-300:]}")
+                continue
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            slopes.setdefault(mode, row["step_mb"] / row["crops"])
+            print(
+                f"{layout} | {mode} | {row['crops']} ({row['offered']}) | {row['step_mb'] / 1024:.2f} GB"
+                f" (RSS {row['rss_before_mb'] / 1024:.2f} GB before) | {row['seconds']:.1f} s"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -310,6 +458,14 @@ def main() -> None:
         default=0.5,
         help="skip a count predicted to need more than this fraction of MemAvailable (default 0.5)",
     )
+    parser.add_argument("--chunks", action="store_true", help="chunked items on a crowded image")
+    parser.add_argument("--cells", type=int, default=2000, help="cells of the crowded image (default 2000)")
+    parser.add_argument(
+        "--chunk-dtypes",
+        default="bf16",
+        help="step modes of --chunks: bf16, fp32 or bf16,fp32 (default bf16)",
+    )
+    parser.add_argument("--chunk-step", type=int, default=None, help=argparse.SUPPRESS)  # child
     parser.add_argument("--train-step", type=int, default=None, help=argparse.SUPPRESS)  # child
     parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)  # child
     args = parser.parse_args()
@@ -318,6 +474,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.train_step is not None:
         train_step_child(args)
+        return
+    if args.chunk_step is not None:
+        chunk_step_child(args)
         return
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
     model, _ = build(args.profile, args.overrides)
@@ -329,6 +488,8 @@ def main() -> None:
         inference(args)
     if not args.skip_train:
         train_sweep(args)
+    if args.chunks:
+        chunk_report(args)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# GPU run on the real data: Faster R-CNN Swin-T, then the segmenter, each trained for a fixed
-# wall-clock budget (paper profile, AMP on; train.max_hours), then that branch + the segmenter
-# scored on held-out competition images (80/10/10 split). Prints steps, time per step, peak GPU
-# memory and the held-out score overall and per class; writes OUT/gpu_real.json. About 8 minutes
-# on one modern GPU with the default 3 minutes per model.
-#   benchmarks/gpu_real.sh [--data ROOT] [--minutes 3] [--out DIR] [gpu_real.py options]
-#   benchmarks/gpu_real.sh --profile smoke --device cpu --minutes 0.3 --data tests/fixtures/sartorius_real
-# Data: --data, else $CELLMASK_DATA, else ../shared/sartorius (python -m cellmask.kaggle
-# download-data fetches it). Installs nothing: run `make setup` first.
+# GPU run on real images (issues 7 and 22): Faster R-CNN Swin-T, then the segmenter, trained
+# within a global deadline (--minutes, default 4.5: training, bounded validations and scoring
+# together; paper profile, AMP on), then that branch + the segmenter scored on held-out images,
+# overall and per cell type. Unattended on a fresh GPU machine: installs what it needs (as
+# gpu_check.sh: `make setup`, else the system python and the wheels of .whl/), writes
+# OUT/gpu_real.json after every item (a run cut at any moment leaves every figure measured so far)
+# and one progress line per item (also in OUT/gpu_real.log).
+#
+#   bash benchmarks/gpu_real.sh [--minutes 4.5] [--data DIR] [--out DIR] [gpu_real.py options]
+#   bash benchmarks/gpu_real.sh --smoke          # no GPU: the same code paths, smoke profile, < 1 min
+#   bash benchmarks/gpu_real.sh --setup-only     # install / pick the python, say which, stop
+#
+# Data: --data (a Kaggle-layout root), else tests/fixtures/sartorius_real (6 annotated images:
+# 4 train / 1 val / 1 held out). OUT: --out, else $OUT, else benchmarks/gpu/.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] && PY=.venv/bin/python
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
-# later options win: "$@" overrides these defaults
-timeout "${GPU_REAL_TIMEOUT:-570}" "$PY" benchmarks/gpu_real.py --device cuda --profile paper "$@"
+# shellcheck source=benchmarks/gpu_check.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_check.sh"  # gpu_setup, gpu_main (and cd to the repository)
+gpu_main gpu_real 4.5 "$@"

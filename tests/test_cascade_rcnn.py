@@ -420,41 +420,60 @@ def test_eval_boxes_under_autocast_are_float32_and_close_to_float32_ones(trained
 # ---------------------------------------------------------------------------------- inference
 
 
-def test_eval_scores_are_the_mean_of_the_three_stage_softmaxes_on_the_last_rois():
+def test_eval_scores_average_each_stages_logits_on_its_own_rois_as_mmdet_does(monkeypatch):
+    """mmdet 2.x ``CascadeRoIHead.simple_test`` (the paper's code): stage k classifies and
+    regresses its own RoIs (stage 1 the proposals, stage k+1 stage k's refinement of them), the
+    class scores are the softmax of the stages' mean logits, the boxes the last stage's regression
+    of its RoIs. The reference is rebuilt here from the parts. The heads are set so that every
+    stage moves the boxes and every classifier depends on the RoI's features, a case where the
+    earlier definition (every classifier on the last stage's RoIs, softmaxes averaged) differs."""
     torch.manual_seed(0)
-    model = tiny_model(roi={"score_thresh": 0.0, "detections_per_img": 1000}).eval()
-    heads = model.roi_heads
-    biases = torch.tensor([[0.0, 2.0, -1.0, 0.5], [1.0, -2.0, 3.0, 0.0], [0.0, 0.0, 0.0, 4.0]])
+    cfg = tiny_cfg(roi={"score_thresh": 0.0, "detections_per_img": 1000})
+    heads = build_cascade_roi_heads(cfg, in_channels=32, num_classes=NUM_CLASSES, with_mask=False).eval()
     with torch.no_grad():
-        for pred, b in zip(heads.box_predictors, biases, strict=True):
-            pred.cls_score.weight.zero_()
-            pred.cls_score.bias.copy_(b)
-            pred.bbox_pred.weight.zero_()
-            pred.bbox_pred.bias.zero_()
-    expected = F.softmax(biases, dim=1).mean(0)  # every RoI gets these class probabilities
-    logit_mean = F.softmax(biases.mean(0), dim=0)  # what averaging logits would give instead
-    assert not torch.allclose(expected[1:], logit_mean[1:], atol=1e-3)
+        for pred in heads.box_predictors:
+            nn.init.normal_(pred.cls_score.weight, std=1.0)  # logits depend on the RoI features
+            nn.init.normal_(pred.cls_score.bias, std=1.0)
+            nn.init.normal_(pred.bbox_pred.weight, std=0.05)  # visible refinements
+            nn.init.normal_(pred.bbox_pred.bias, std=0.5)
+    feats = hand_features()
+    shapes = [(SIZE, SIZE)]
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(24, 2, generator=g) * (SIZE - 40)
+    proposals = torch.cat([xy, xy + 12 + torch.rand(24, 2, generator=g) * 28], 1)
+    seen = {}
+    postprocess = CascadeRoIHeads.postprocess_detections
 
-    head_inputs = {k: [] for k in range(3)}
-    hooks = [
-        h.register_forward_hook(lambda mod, inp, out, k=k: head_inputs[k].append(inp[0]))
-        for k, h in enumerate(heads.box_heads)
-    ]
-    image, _ = synth_image(3, 5, label=1)
+    def spy(self, probs, boxes, per_image, image_shapes):
+        seen.update(probs=probs, boxes=boxes, per_image=per_image)
+        return postprocess(self, probs, boxes, per_image, image_shapes)
+
+    monkeypatch.setattr(CascadeRoIHeads, "postprocess_detections", spy)
     with torch.no_grad():
-        out = model([image])[0]
-    for h in hooks:
-        h.remove()
-    assert len(out["scores"]) > 0
-    for label in (1, 2, 3):
-        scores = out["scores"][out["labels"] == label]
-        assert len(scores) > 0
-        assert torch.allclose(scores, expected[label].expand_as(scores), atol=1e-5)
-    # stages 1 and 2 run on their own RoIs (to refine them), then all three on the final RoIs
-    assert [len(head_inputs[k]) for k in range(3)] == [2, 2, 1]
-    final = head_inputs[2][-1]
-    assert torch.equal(head_inputs[0][-1], final) and torch.equal(head_inputs[1][-1], final)
-    assert not torch.equal(head_inputs[0][0], final)  # the refined RoIs differ from the proposals
+        out = heads(feats, [proposals], shapes)[0][0]
+        rois, own_rois, logits = proposals, [], []
+        for k in range(heads.num_stages):
+            x = heads.box_heads[k](heads.box_roi_pool(feats, [rois], shapes))
+            cls, deltas = heads.box_predictors[k](x)
+            own_rois.append(rois)
+            logits.append(cls)
+            rois = heads.box_coders[k].decode_single(deltas, rois).clamp(min=0, max=SIZE)
+        reference = F.softmax(torch.stack(logits).mean(0), dim=1)
+        last = heads.box_roi_pool(feats, [own_rois[-1]], shapes)
+        on_last = torch.stack([heads.box_predictors[k](heads.box_heads[k](last))[0] for k in range(3)])
+        earlier = F.softmax(on_last, dim=2).mean(0)  # every classifier on the last RoIs, softmax mean
+        # each half of the difference on its own
+        last_rois_logit_mean = F.softmax(on_last.mean(0), dim=1)
+        own_rois_softmax_mean = F.softmax(torch.stack(logits), dim=2).mean(0)
+    for a, b in itertools.pairwise(own_rois):
+        assert (a - b).abs().max() > 1.0  # each stage really moves the boxes
+    assert seen["per_image"] == [len(proposals)]
+    torch.testing.assert_close(seen["probs"], reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seen["boxes"], heads.box_coders[-1].decode_single(deltas, own_rois[-1]))
+    for other in (earlier, last_rois_logit_mean, own_rois_softmax_mean):
+        assert (reference - other).abs().max() > 0.05  # the definitions disagree here
+    assert len(out["scores"]) > 0 and set(out["labels"].tolist()) <= {1, 2, 3}
+    assert (out["scores"] <= reference[:, 1:].max() + 1e-6).all()
 
 
 def test_detections_per_img_is_honoured():
@@ -530,6 +549,33 @@ def test_cascade_mask_rcnn_trains_a_mask_head_and_pastes_masks_at_original_size(
     assert len(out["masks"]) == n and out["masks"].image_size == (96, 120)
     assert all(w.dtype == torch.bool for w in out["masks"].windows)
     assert out["boxes"][:, 2].max() <= 120 and out["boxes"][:, 3].max() <= 96
+
+
+def test_mask_loss_from_windows_equals_the_loss_from_full_image_masks():
+    """The datasets' MaskWindows (each truth cropped to its box) and the full-image uint8 stack
+    give the same training losses and gradients, bit for bit."""
+    from cellmask.data.layers import MaskWindows
+
+    torch.manual_seed(0)
+    model = tiny_model(type="cascade_mask_rcnn").train()
+    data = [synth_image(6, 4, label=1, size=(96, 120)), synth_image(7, 4, label=3, size=(96, 120))]
+    images, targets = [d[0] for d in data], [d[1] for d in data]
+    windowed = [{**t, "masks": MaskWindows.from_dense(t["masks"])} for t in targets]
+    assert all(
+        w["masks"].data.numel() < t["masks"].numel() / 2 for w, t in zip(windowed, targets, strict=True)
+    )
+    results = []
+    for batch in (targets, windowed):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same RoI sampling
+        losses = model(images, batch)
+        losses["loss_mask"].backward()
+        grad = model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad.clone()
+        results.append((losses, grad))
+    (dense_losses, dense_grad), (window_losses, window_grad) = results
+    assert dense_losses["loss_mask"] > 0
+    assert all(torch.equal(dense_losses[k], window_losses[k]) for k in dense_losses)
+    assert torch.equal(dense_grad, window_grad)
 
 
 # ---------------------------------------------------------------------------------- real backbones

@@ -16,6 +16,7 @@ from torchvision.transforms.v2 import functional as F
 
 from cellmask.data.datasets import DetectionDataset, UnlabeledDataset, collate
 from cellmask.data.images import read_image
+from cellmask.data.layers import MaskWindows
 from cellmask.data.livecell import LIVECELL_CLASS_TO_LABEL, read_livecell_coco
 from cellmask.data.records import ImageRecord, polygons_to_mask
 from cellmask.data.rle import rle_encode
@@ -57,8 +58,11 @@ def test_item_without_augmentation(real_records, cort, cort_masks):
 
     idx = real_records.index(cort)
     image, target = DetectionDataset(real_records, with_masks=True)[idx]
-    assert target["masks"].dtype == torch.uint8 and target["masks"].shape == (36, H, W)
-    np.testing.assert_array_equal(target["masks"].numpy(), cort_masks.astype(np.uint8))
+    masks = target["masks"]  # each instance's window, unpacked here into a full-image stack
+    assert isinstance(masks, MaskWindows) and len(masks) == 36 and masks.image_size == (H, W)
+    assert masks.data.dtype == torch.uint8 and masks.data.numel() < 0.01 * 36 * H * W
+    np.testing.assert_array_equal(masks.dense().numpy(), cort_masks.astype(np.uint8))
+    np.testing.assert_array_equal(masks.boxes.numpy(), cort.boxes)  # windows: the tight boxes
     np.testing.assert_array_equal(target["boxes"].numpy(), cort.boxes)
 
 
@@ -79,11 +83,11 @@ def test_forced_flip_mirrors_boxes_and_masks(cort, cort_masks, flip, augment_onl
     boxes = cort.boxes
     if flip == "hflip":
         expected = np.stack([W - boxes[:, 2], boxes[:, 1], W - boxes[:, 0], boxes[:, 3]], axis=1)
-        np.testing.assert_array_equal(target["masks"].numpy(), cort_masks[:, :, ::-1])
+        np.testing.assert_array_equal(target["masks"].dense().numpy(), cort_masks[:, :, ::-1])
         np.testing.assert_allclose(image[0].numpy(), read_image(cort.path)[:, ::-1] / 255.0, atol=1e-6)
     else:
         expected = np.stack([boxes[:, 0], H - boxes[:, 3], boxes[:, 2], H - boxes[:, 1]], axis=1)
-        np.testing.assert_array_equal(target["masks"].numpy(), cort_masks[:, ::-1, :])
+        np.testing.assert_array_equal(target["masks"].dense().numpy(), cort_masks[:, ::-1, :])
     np.testing.assert_array_equal(target["boxes"].numpy(), expected)
     np.testing.assert_array_equal(target["labels"].numpy(), cort.labels)
 
@@ -92,7 +96,7 @@ def test_rotation_gives_tight_boxes_of_the_rotated_masks(cort, cort_masks, augme
     cfg = augment_only(shift_scale_rotate={"p": 1.0, "rotate": 40, "shift": 0.02, "scale": 0.05})
     torch.manual_seed(0)
     _, target = DetectionDataset([cort], build_transforms(cfg, True), with_masks=True)[0]
-    masks, boxes = target["masks"].numpy(), target["boxes"].numpy()
+    masks, boxes = target["masks"].dense().numpy(), target["boxes"].numpy()
     assert len(masks) == len(boxes) == len(target["labels"]) > 25
     assert not np.array_equal(masks, cort_masks[: len(masks)])
     np.testing.assert_array_equal(boxes, tight_boxes(masks))
@@ -148,8 +152,8 @@ def test_instance_shifted_out_is_dropped_with_its_label(border_record):
     ds = DetectionDataset([border_record], Shift(12, 0), with_masks=True)
     _, target = ds[0]
     assert target["labels"].tolist() == [1]
-    assert target["boxes"].shape == (1, 4) and target["masks"].shape == (1, 64, 96)
-    np.testing.assert_array_equal(target["masks"][0].numpy(), np.roll(masks[1], 12, axis=1))
+    assert target["boxes"].shape == (1, 4) and target["masks"].dense().shape == (1, 64, 96)
+    np.testing.assert_array_equal(target["masks"].dense()[0].numpy(), np.roll(masks[1], 12, axis=1))
     np.testing.assert_array_equal(
         target["boxes"].numpy(), border_record.boxes[1:] + np.float32([12, 0, 12, 0])
     )
@@ -160,7 +164,7 @@ def test_instance_shifted_out_is_dropped_with_its_label(border_record):
     # shifted out of the image entirely: no instances, but well-formed empty targets
     _, target = DetectionDataset([border_record], Shift(0, 70), with_masks=True)[0]
     assert target["boxes"].shape == (0, 4) and target["boxes"].dtype == torch.float32
-    assert target["labels"].shape == (0,) and target["masks"].shape == (0, 64, 96)
+    assert target["labels"].shape == (0,) and target["masks"].dense().shape == (0, 64, 96)
     # slivers below min_area / min_size are dropped too
     _, target = DetectionDataset([border_record], Shift(10, 0), min_size=3)[0]
     assert target["labels"].tolist() == [1]
@@ -182,7 +186,7 @@ def test_image_only_transforms_keep_boxes_and_masks(cort, cort_masks, op, augmen
     original = read_image(cort.path) / 255.0
     assert np.abs(image[0].numpy() - original).mean() > 1e-3
     np.testing.assert_array_equal(target["boxes"].numpy(), cort.boxes)
-    np.testing.assert_array_equal(target["masks"].numpy(), cort_masks.astype(np.uint8))
+    np.testing.assert_array_equal(target["masks"].dense().numpy(), cort_masks.astype(np.uint8))
     np.testing.assert_array_equal(target["labels"].numpy(), cort.labels)
 
 
@@ -248,10 +252,10 @@ def test_livecell_polygon_record_goes_through_the_same_path(livecell_records, au
     assert image.shape == (3, H, W)
     np.testing.assert_array_equal(target["boxes"].numpy(), record.boxes)  # the COCO boxes
     assert target["labels"].tolist() == [label] * 3
-    np.testing.assert_array_equal(target["masks"].numpy(), expected_masks)
+    np.testing.assert_array_equal(target["masks"].dense().numpy(), expected_masks)
 
     _, target = DetectionDataset(records, build_transforms(augment_only(hflip=1.0), True), with_masks=True)[0]
-    np.testing.assert_array_equal(target["masks"].numpy(), expected_masks[:, :, ::-1])
+    np.testing.assert_array_equal(target["masks"].dense().numpy(), expected_masks[:, :, ::-1])
     np.testing.assert_array_equal(target["boxes"].numpy(), tight_boxes(expected_masks[:, :, ::-1]))
     assert target["labels"].tolist() == [label] * 3
     # without masks, a flip maps the COCO boxes themselves: [x0, x1] -> [W - x1, W - x0]
@@ -264,7 +268,7 @@ def test_livecell_polygon_record_goes_through_the_same_path(livecell_records, au
     cfg = augment_only(shift_scale_rotate={"p": 1.0, "rotate": 30})
     torch.manual_seed(0)
     _, target = DetectionDataset(records, build_transforms(cfg, True), with_masks=True)[0]
-    np.testing.assert_array_equal(target["boxes"].numpy(), tight_boxes(target["masks"].numpy()))
+    np.testing.assert_array_equal(target["boxes"].numpy(), tight_boxes(target["masks"].dense().numpy()))
 
     torch.manual_seed(0)
     _, target = DetectionDataset(records, build_transforms({}, True))[0]
@@ -277,7 +281,7 @@ def test_labels_from(livecell_records, cort):
     a172 = LIVECELL_CLASS_TO_LABEL["a172"]
     assert DetectionDataset(records, labels_from={a172: 3})[0][1]["labels"].tolist() == [3, 3, 3]
     _, target = DetectionDataset(records, labels_from={a172: 0}, with_masks=True)[0]
-    assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, H, W)
+    assert target["boxes"].shape == (0, 4) and target["masks"].dense().shape == (0, H, W)
     with pytest.raises(DataError, match="not in labels_from"):
         DetectionDataset([cort], labels_from={1: 1})[0]
     with pytest.raises(ValueError):
@@ -290,7 +294,7 @@ def test_records_without_instances_or_segmentations(real_root, cort, augment_onl
         image, target = DetectionDataset([empty], transforms, with_masks=True)[0]
         assert image.shape == (3, H, W)
         assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
-        assert target["masks"].shape == (0, H, W)
+        assert target["masks"].dense().shape == (0, H, W)
     boxes_only = ImageRecord(
         image_id="b",
         path=cort.path,
@@ -343,3 +347,37 @@ def test_dataloader_with_collate(real_records, augment_only):
     assert all(im.shape == (3, H, W) for im in images)
     assert [t["image_id"] for t in targets] == [0, 1]
     assert collate([]) == ([], [])
+
+
+def test_mask_windows_hold_each_mask_in_its_tight_box(real_records, augment_only):
+    """The with_masks target: MaskWindows equal to ``from_dense`` of the full stack (windows,
+    order, values), through a DataLoader too; empty and all-zero masks get empty windows."""
+    from cellmask.data.layers import layers_from_indices, layers_to_masks, layers_to_windows
+
+    (record,) = [r for r in real_records if r.image_id == "de504eaa5349"]  # overlaps, a duplicate
+    layers = layers_from_indices([record.indices(i) for i in range(len(record))], H, W)
+    assert len(layers) > 1
+    index = torch.tensor([7, 3, 495, 0, 250])  # any order: window j is instance index[j]
+    windows = layers_to_windows(layers, index)
+    dense = layers_to_masks(layers, len(record))[index]
+    expected = MaskWindows.from_dense(dense)
+    assert torch.equal(windows.boxes, expected.boxes) and torch.equal(windows.data, expected.data)
+    assert torch.equal(windows.dense(), dense) and windows.image_size == (H, W)
+    for j, i in enumerate(index.tolist()):
+        x0, y0, x1, y1 = windows.boxes[j].tolist()
+        assert [x0, y0, x1, y1] == record.boxes[i].tolist()
+        assert windows.window(j).shape == (y1 - y0, x1 - x0) and windows.window(j).sum() == dense[j].sum()
+    # an all-zero mask: box [0, 0, 0, 0], no pixels; no instance at all: well-formed and empty
+    blank = MaskWindows.from_dense(torch.cat([dense[:1], torch.zeros((1, H, W), dtype=torch.uint8)]))
+    assert blank.boxes[1].tolist() == [0, 0, 0, 0] and blank.window(1).shape == (0, 0)
+    assert torch.equal(blank.dense()[1], torch.zeros((H, W), dtype=torch.uint8))
+    assert len(MaskWindows.empty((H, W))) == 0 and MaskWindows.empty((H, W)).dense().shape == (0, H, W)
+    assert len(layers_to_windows(layers, torch.zeros(0, dtype=torch.long))) == 0
+    moved = windows.to("meta")
+    assert moved.boxes.device.type == moved.data.device.type == "meta" and moved.image_size == (H, W)
+
+    ds = DetectionDataset([record], build_transforms(augment_only(hflip=0.5), True), with_masks=True)
+    loader = DataLoader(ds, batch_size=1, num_workers=0, collate_fn=collate)
+    (_, (target,)) = next(iter(loader))
+    assert isinstance(target["masks"], MaskWindows) and len(target["masks"]) == len(target["boxes"])
+    assert target["masks"].data.numel() < H * W  # 496 cells in less than one image (dense: 496)

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 from _predict_helpers import (
     BRANCH_CONFIGS,
     PERMISSIVE,
@@ -22,9 +23,10 @@ from _predict_helpers import (
 
 from cellmask.data.records import ImageRecord
 from cellmask.data.rle import rle_encode
-from cellmask.evaluate import evaluate, load_eval_records
+from cellmask.evaluate import ablation_rows, evaluate, evaluate_predictor, load_eval_records
+from cellmask.evaluate.rows import settings_of
 from cellmask.evaluate.tune import tune_predictor
-from cellmask.predict import Branch, Predictor, load_predict_config
+from cellmask.predict import PREDICT_DEFAULTS, Branch, Predictor, load_predict_config
 from cellmask.predict.pipeline import own_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -179,17 +181,24 @@ def test_evaluate_ablation_rows_files_and_consistency_with_predict(runs, real_ro
         "Cascade Mask R-CNN ResNeXt-101 (own masks)",
     ]
     assert {"ensemble, no TTA", "ensemble + TTA", "ensemble + TTA + re-scoring"} <= set(names)
-    assert any("paper-exact" in n for n in names) and any("class vote" in n for n in names)
+    assert any("class vote" in n for n in names)
     configured = [r for r in result.rows if r.row.configured]
     assert len(configured) == 1 and configured[0].row.name == "ensemble + TTA"
-    exact = next(r for r in result.rows if "paper-exact" in r.row.name)
+    # the paper's pipeline is labelled as such, and both readings of TTA fusion are scored
+    exact = next(r for r in result.rows if r.row.name == "ensemble + TTA, paper-exact (5.3.2)")
+    assert [r.row.name for r in result.rows if r.settings["paper_exact"]] == [exact.row.name]
     assert exact.settings == {
         "branches": 2,
         "tta": True,
+        "tta_fusion": "per_model",
         "class_vote": False,
         "min_area": False,
         "rescore": False,
+        "paper_exact": True,
     }
+    per_model = next(r for r in result.rows if r.row.name == "ensemble + TTA fused per model")
+    assert configured[0].settings["tta_fusion"] == "views" and per_model.settings["tta_fusion"] == "per_model"
+    assert per_model.settings["class_vote"] == configured[0].settings["class_vote"]  # only the fusion differs
     for name in (
         "ablation.md",
         "ablation.csv",
@@ -200,6 +209,8 @@ def test_evaluate_ablation_rows_files_and_consistency_with_predict(runs, real_ro
         assert (out / name).is_file(), name
     table = list(csv.DictReader((out / "ablation.csv").open()))
     assert [t["row"] for t in table] == names and {"P@0.50", "P@0.95", "shsy5y"} <= set(table[0])
+    assert [t["row"] for t in table if t["paper_exact"] == "True"] == [exact.row.name]
+    assert "| tta fusion |" in (out / "ablation.md").read_text()
     assert all(n in (out / "ablation.md").read_text() for n in names)
     assert result.report is configured[0].report and 0.0 <= result.report.score <= 1.0
 
@@ -270,3 +281,69 @@ def test_cli_evaluate_and_tune(runs, real_root, tmp_path, capsys):
     assert "cellmask tune" in printed and "gain" in printed
     assert load_predict_config(tmp_path / "t" / "tuned.predict.yaml")["mask_threshold"] == 0.5
     assert list((tmp_path / "cache").iterdir())  # the second command reused the first's detections
+
+
+# ------------------------------------------------------------------------------ ablation rows
+
+BRANCHES = ["Faster R-CNN Swin-T", "Cascade R-CNN ResNeXt-101", "Cascade R-CNN ResNeSt-101"]
+EXACT_ROW = "ensemble + TTA, paper-exact (5.3.2)"
+
+
+def test_ablation_rows_name_the_paper_exact_row_and_both_tta_readings():
+    from cellmask.predict.options import PAPER_EXACT
+
+    rows = ablation_rows(BRANCHES, PREDICT_DEFAULTS)
+    by_name = {r.name: r for r in rows}
+    assert [r.name for r in rows if r.configured] == ["ensemble + TTA"]
+    assert by_name["ensemble + TTA"].options == {"tta_fusion": "views"}
+    assert by_name["ensemble + TTA fused per model"].options == {"tta_fusion": "per_model"}
+    assert dict(by_name[EXACT_ROW].options) == PAPER_EXACT
+    flagged = [r.name for r in rows if settings_of(r, PREDICT_DEFAULTS, 3)["paper_exact"]]
+    assert flagged == [EXACT_ROW]
+    names = [r.name for r in rows]
+    assert names.index("ensemble + TTA fused per model") == names.index("ensemble + TTA") + 1
+    assert {"paper-exact + class vote", "paper-exact + min area"} <= set(names)
+
+    # --paper-exact: the paper's pipeline is the configured row, under its own name (the per-model
+    # row would be the same pipeline and is dropped); the 8-entry reading of it stays beside it
+    exact = load_predict_config(None, None, paper_exact=True)
+    rows = ablation_rows(BRANCHES, exact)
+    assert [r.name for r in rows if r.configured] == [EXACT_ROW]
+    assert "ensemble + TTA fused per model" not in [r.name for r in rows]
+    views = next(r for r in rows if r.name == "ensemble + TTA")
+    assert settings_of(views, exact, 3)["tta_fusion"] == "views"
+    assert not settings_of(views, exact, 3)["paper_exact"]
+
+
+def test_ablation_rows_of_one_branch_have_no_second_tta_reading():
+    rows = ablation_rows(BRANCHES[:1], PREDICT_DEFAULTS)
+    names = [r.name for r in rows]
+    assert "branch + TTA fused per model" not in names and "branch + TTA, paper-exact (5.3.2)" in names
+    assert [r.name for r in rows if r.configured] == ["branch + TTA"]
+    # with one branch the fusion reading changes nothing: per_model configured is still that row
+    rows = ablation_rows(BRANCHES[:1], {**PREDICT_DEFAULTS, "tta_fusion": "per_model"})
+    assert [r.name for r in rows if r.configured] == ["branch + TTA"]
+
+
+def test_evaluate_with_paper_exact_scores_the_papers_pipeline_as_configured(tmp_path):
+    records = _planted_records(tmp_path, 2)
+    options = {**load_predict_config(None, None, paper_exact=True), "device": "cpu"}
+    predictor = Predictor(
+        [Branch("a", BlobDetector(hi=0.8, lo=0.45), weight=2), Branch("b", BlobDetector(hi=0.7), weight=1)],
+        ContentSegmenter(inside=0.8, outside=0.2),
+        options,
+    )
+    result = evaluate_predictor(predictor, records, tmp_path / "eval", ablation=True, progress=False)
+    configured = [r for r in result.rows if r.row.configured]
+    assert [r.row.name for r in configured] == [EXACT_ROW] and configured[0].settings["paper_exact"]
+    assert result.report is configured[0].report
+    saved = load_predict_config(result.files["config"])
+    assert {k: saved[k] for k in ("tta_fusion", "class_vote", "min_area")} == {
+        "tta_fusion": "per_model",
+        "class_vote": False,
+        "min_area": 0,
+    }
+    assert yaml.safe_load(result.files["config"].read_text())["paper_exact"] is True
+    # both readings of TTA fusion were scored in the same pass
+    fusions = {r.settings["tta_fusion"] for r in result.rows if r.settings["tta"]}
+    assert fusions == {"views", "per_model"}

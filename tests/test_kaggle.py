@@ -295,7 +295,9 @@ def test_submit_pushes_waits_and_submits_the_pushed_version(checkout, fake_kaggl
     calls = _calls(fake_kaggle)
     folder = str(checkout / "build" / "kaggle" / "kernels" / "cellmask-inference")
     # first the datasets the kernel attaches, until each is ready (the fake: at once)
-    assert calls[:3] == [["datasets", "status", f"someone/{name}"] for name in packaging.DATASET_NAMES]
+    assert calls[:3] == [
+        ["datasets", "status", f"someone/{name}", "--format", "json"] for name in packaging.DATASET_NAMES
+    ]
     assert calls[3] == ["kernels", "push", "-p", folder]
     assert (
         calls[4:7] == [["kernels", "status", "someone/cellmask-inference/7"]] * 3
@@ -326,6 +328,10 @@ def test_submit_a_given_version_without_pushing(checkout, fake_kaggle):
 
 
 def test_push_datasets_versions_existing_and_creates_new(checkout, fake_kaggle, monkeypatch):
+    from cellmask.kaggle import wheels
+
+    built = []
+    monkeypatch.setattr(wheels, "build_own_wheel", lambda root, out, stamp: built.append(stamp) or out)
     monkeypatch.setenv("FAKE_KAGGLE_MISSING", "cellmask-wheels")
     (checkout / "datasets" / "cellmask-weights" / "segmenter").mkdir()
     (checkout / "datasets" / "cellmask-weights" / "segmenter" / "best.pt").write_bytes(b"w")
@@ -333,15 +339,22 @@ def test_push_datasets_versions_existing_and_creates_new(checkout, fake_kaggle, 
     assert main(["--root", str(checkout), "push-datasets", "--message", "v2"]) == 0
     staged = checkout / "build" / "kaggle" / "datasets"
     assert _calls(fake_kaggle) == [
-        ["datasets", "status", "someone/cellmask-weights"],
+        ["datasets", "status", "someone/cellmask-weights", "--format", "json"],
         ["datasets", "version", "-p", str(staged / "cellmask-weights"), "-r", "zip", "-m", "v2"],
-        ["datasets", "status", "someone/cellmask-wheels"],
+        ["datasets", "status", "someone/cellmask-wheels", "--format", "json"],
         ["datasets", "create", "-p", str(staged / "cellmask-wheels"), "-r", "zip"],
-        ["datasets", "status", "someone/cellmask-code"],
+        ["datasets", "status", "someone/cellmask-code", "--format", "json"],
         ["datasets", "version", "-p", str(staged / "cellmask-code"), "-r", "zip", "-m", "v2"],
     ]
     assert (staged / "cellmask-wheels" / "base_image.json").is_file()  # the kernel can read it
     assert (staged / "cellmask-code" / "configs" / "base.yaml").is_file()
+    # the wheel is rebuilt from the working tree with the stamp the code dataset carries
+    code_stamp = json.loads((staged / "cellmask-code" / "cellmask-build.json").read_text())
+    assert [s.version for s in built] == [code_stamp["version"]]
+    # what was pushed is recorded: a new dataset's first version; a plain-status CLI tells no number
+    record = json.loads((checkout / "build" / "kaggle" / "pushed.json").read_text())
+    assert record["someone/cellmask-wheels"]["version"] == 1
+    assert record["someone/cellmask-code"]["stamp"] == code_stamp["version"]
 
 
 def test_push_train_and_missing_setup(checkout, fake_kaggle, monkeypatch, capsys):
@@ -349,7 +362,11 @@ def test_push_train_and_missing_setup(checkout, fake_kaggle, monkeypatch, capsys
         main(["--root", str(checkout), "push-train", "notebooks/02_finetune_faster_rcnn_swin_t.ipynb"]) == 0
     )
     folder = checkout / "build" / "kaggle" / "kernels" / "cellmask-finetune-faster-rcnn-swin-t"
-    assert _calls(fake_kaggle) == [["kernels", "push", "-p", str(folder)]]
+    assert _calls(fake_kaggle) == [  # the datasets it attaches first: live, then the push
+        ["datasets", "status", "someone/cellmask-wheels", "--format", "json"],
+        ["datasets", "status", "someone/cellmask-code", "--format", "json"],
+        ["kernels", "push", "-p", str(folder)],
+    ]
     meta = json.loads((folder / "kernel-metadata.json").read_text())
     assert meta["enable_internet"] is True and meta["kernel_sources"] == [
         "someone/cellmask-pretrain-faster-rcnn-swin-t"
@@ -359,7 +376,7 @@ def test_push_train_and_missing_setup(checkout, fake_kaggle, monkeypatch, capsys
     assert main(["--root", str(checkout), "push"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no Kaggle credentials" in err and "kaggle.json" in err
-    assert len(_calls(fake_kaggle)) == 1
+    assert len(_calls(fake_kaggle)) == 3
 
 
 # ------------------------------------------------------------------------------ DRY_RUN through make
@@ -373,7 +390,9 @@ def test_make_submit_dry_run_prints_the_real_commands(checkout, tmp_path):
     proc = _make(checkout, tmp_path, "submit", "DRY_RUN=1", KAGGLE_USERNAME="someone")
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("$ ")]
-    assert lines[:3] == [f"$ kaggle datasets status someone/{name}" for name in packaging.DATASET_NAMES]
+    assert lines[:3] == [
+        f"$ kaggle datasets status someone/{name} --format json" for name in packaging.DATASET_NAMES
+    ]
     assert (
         lines[3] == "$ kaggle kernels push -p build/kaggle/kernels/cellmask-inference"
     )  # from the repo root
@@ -445,6 +464,12 @@ def test_make_push_train_passes_epochs_overrides_and_a_continuation(checkout, tm
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "continues someone/k/2" in proc.stdout
+    # the datasets it attaches are waited for, as for make push and make submit
+    waits = [line for line in proc.stdout.splitlines() if line.startswith("$ kaggle datasets status")]
+    assert waits == [
+        f"$ kaggle datasets status someone/{n} --format json" for n in ("cellmask-wheels", "cellmask-code")
+    ]
+    assert proc.stdout.index("$ kaggle datasets status") < proc.stdout.index("$ kaggle kernels push")
     folder = checkout / "build" / "kaggle" / "kernels" / "cellmask-finetune-cascade-resnext101"
     params = notebook_parameters(read_notebook_json(folder / "03_finetune_cascade_resnext101.ipynb"))
     assert params["EPOCHS"] == 3 and params["RESUME_FROM"] == "someone/k/2"
@@ -490,7 +515,12 @@ def test_make_pull_runs_dry_run(checkout, tmp_path):
         "someone/cellmask-soft-teacher",
         "someone/cellmask-segmenter",
     ]
-    assert all(line.endswith(" -p runs") for line in proc.stdout.splitlines() if line.startswith("$ "))
+    # only what make weights reads: not last.pt (optimizer state) nor the epoch checkpoints
+    assert all(
+        line.endswith(" -p runs --file-pattern '(^|/)(best\\.pt|config\\.yaml|metrics\\.csv|status\\.json)$'")
+        for line in proc.stdout.splitlines()
+        if line.startswith("$ ")
+    ), proc.stdout
 
 
 def test_make_pull_evaluation_dry_run(checkout, tmp_path):

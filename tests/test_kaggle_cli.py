@@ -122,7 +122,8 @@ def test_every_fixture_names_its_command_and_source():
             continue
         case = json.loads(path.read_text())
         assert set(case) >= {"command", "exit", "stdout", "stderr", "source"}, path.name
-        assert case["source"].startswith("kaggle/") and case["exit"] in (0, 1), path.name
+        assert case["source"].startswith("kaggle/") and case["exit"] in (0, 1, 2), path.name
+        assert case["exit"] != 2 or "argparse" in case["source"], path.name  # 2: a usage error only
         assert "_".join(case["command"][:2]) in path.stem, path.name
 
 
@@ -305,8 +306,48 @@ def test_wait_for_dataset_until_ready(cli):
     slept: list[float] = []
     runner = cli.runner()
     assert api.wait_for_dataset(runner, WEIGHTS, poll_s=30, sleep=slept.append) == "ready"
-    assert slept == [30, 30] and cli.calls() == [["datasets", "status", WEIGHTS]] * 3
-    assert f"{WEIGHTS}: blobs_received (0 min)" in runner.out.getvalue()
+    assert slept == [30, 30] and cli.calls() == [["datasets", "status", WEIGHTS, "--format", "json"]] * 3
+    assert f"{WEIGHTS}: its latest version blobs_received (0 min)" in runner.out.getvalue()
+
+
+def test_wait_for_dataset_until_the_pushed_version_is_live(cli):
+    # ready is not enough: Kaggle still serves version 3 while the pushed version 4 is processed
+    cli.plan(
+        datasets_status=[
+            "datasets_status_json_ready_v3",
+            "datasets_status_json_blobs_received_v4",
+            "datasets_status_json_ready_v4",
+        ]
+    )
+    slept: list[float] = []
+    runner = cli.runner()
+    assert api.wait_for_dataset(runner, WEIGHTS, poll_s=30, sleep=slept.append, version=4) == "ready"
+    assert slept == [30, 30] and len(cli.calls()) == 3
+    out = runner.out.getvalue()
+    assert f"{WEIGHTS}: version 3 ready" in out and f"{WEIGHTS}: version 4 blobs_received" in out
+    # without a version pushed from here: the newest, processed, is live at once
+    cli.plan(datasets_status=["datasets_status_json_ready_v3"])
+    assert api.wait_for_dataset(cli.runner(), WEIGHTS, poll_s=30, sleep=slept.append) == "ready"
+    # a bounded wait, with what Kaggle serves and what was pushed in its message
+    cli.plan(datasets_status=["datasets_status_json_ready_v3"])
+    with pytest.raises(
+        api.KaggleCommandError, match=r"still serves version 3 \(ready\) after 1 min, not version 4"
+    ):
+        api.wait_for_dataset(cli.runner(), WEIGHTS, poll_s=30, timeout_s=60, sleep=lambda s: None, version=4)
+
+
+def test_dataset_version_status_from_an_older_cli(cli):
+    # kaggle < 2.2.5 has no --format: its plain status is asked, the version number is unknown
+    cli.plan(datasets_status=["datasets_status_json_unsupported", "datasets_status_ready"])
+    assert api.dataset_version_status(cli.runner(), WEIGHTS) == ("ready", None)
+    assert cli.calls() == [
+        ["datasets", "status", WEIGHTS, "--format", "json"],
+        ["datasets", "status", WEIGHTS],
+    ]
+    assert api.parse_status_json('Warning: outdated\n{"status": "ready", "current_version_number": 7}') == (
+        "ready",
+        7,
+    )
 
 
 @pytest.mark.parametrize(
@@ -316,7 +357,10 @@ def test_wait_for_dataset_until_ready(cli):
         (["datasets_status_deleted"], "latest version is deleted"),
         (["datasets_status_not_found"], "does not exist on Kaggle; run `make push-datasets` first"),
         (["datasets_status_rate_limited"], "could not ask Kaggle"),
-        (["datasets_status_blobs_received"], r"still blobs_received after 1 min; stopped waiting"),
+        (
+            ["datasets_status_blobs_received"],
+            r"still serves its latest version \(blobs_received\) after 1 min",
+        ),
     ],
 )
 def test_wait_for_dataset_stops(cli, cases, message):
@@ -331,9 +375,14 @@ def test_wait_for_dataset_dry_run():
     runner = api.KaggleRunner(dry_run=True, out=io.StringIO())
     api.wait_for_datasets(runner, [WEIGHTS], poll_s=30)
     assert runner.out.getvalue().splitlines() == [
-        f"$ kaggle datasets status {WEIGHTS}",
-        "# (repeated every 30 s until the status is ready)",
+        f"$ kaggle datasets status {WEIGHTS} --format json",
+        "# (repeated every 30 s until the newest version is ready)",
     ]
+    runner = api.KaggleRunner(dry_run=True, out=io.StringIO())
+    api.wait_for_datasets(runner, [WEIGHTS], poll_s=30, versions={WEIGHTS: 5})
+    assert (
+        "# (repeated every 30 s until the current version is 5 or newer and ready)" in runner.out.getvalue()
+    )
 
 
 # ------------------------------------------------------------------------------ datasets version / create
@@ -431,10 +480,10 @@ def test_submit_waits_for_the_datasets_then_polls_the_pushed_version(checkout, c
     assert main(args) == 0
     folder = str(checkout / "build" / "kaggle" / "kernels" / "cellmask-inference")
     assert cli.calls() == [
-        ["datasets", "status", WEIGHTS],
-        ["datasets", "status", WEIGHTS],  # blobs_received, then ready
-        ["datasets", "status", "someone/cellmask-wheels"],
-        ["datasets", "status", "someone/cellmask-code"],
+        ["datasets", "status", WEIGHTS, "--format", "json"],
+        ["datasets", "status", WEIGHTS, "--format", "json"],  # blobs_received, then ready
+        ["datasets", "status", "someone/cellmask-wheels", "--format", "json"],
+        ["datasets", "status", "someone/cellmask-code", "--format", "json"],
         ["kernels", "push", "-p", folder, "--accelerator", "NvidiaTeslaT4"],
         *[["kernels", "status", f"{KERNEL}/7"]] * 3,
         [
@@ -482,7 +531,7 @@ def test_push_stops_before_or_at_the_push(checkout, cli, capsys, plan, message):
 
 
 def test_accelerator_on_push_and_push_train(checkout, cli, capsys):
-    cli.plan(kernels_push=["kernels_push_ok"])
+    cli.plan(kernels_push=["kernels_push_ok"], datasets_status=["datasets_status_json_ready_v3"])
     assert (
         main(
             [
@@ -496,7 +545,9 @@ def test_accelerator_on_push_and_push_train(checkout, cli, capsys):
         )
         == 0
     )
-    assert cli.calls() == [  # push-train: no dataset wait, as before
+    assert cli.calls() == [  # push-train waits for the datasets it attaches too
+        ["datasets", "status", "someone/cellmask-wheels", "--format", "json"],
+        ["datasets", "status", "someone/cellmask-code", "--format", "json"],
         ["kernels", "push", "-p", str(checkout / "build" / "kaggle" / "kernels" / "cellmask-finetune-faster-rcnn-swin-t"),
          "--accelerator", "TpuV5E8"],
     ]  # fmt: skip
@@ -504,7 +555,7 @@ def test_accelerator_on_push_and_push_train(checkout, cli, capsys):
     assert "unknown accelerator 'GPU P100'" in capsys.readouterr().err
     assert main(["--root", str(checkout), "submit", "--accelerator", "NvidiaTeslaP100"]) == 2
     assert "retired" in capsys.readouterr().err
-    assert len(cli.calls()) == 1
+    assert len(cli.calls()) == 3
 
 
 def test_push_datasets_stops_before_uploading_when_it_could_not_ask(checkout, cli, capsys):
@@ -512,7 +563,7 @@ def test_push_datasets_stops_before_uploading_when_it_could_not_ask(checkout, cl
     cli.plan(datasets_status=["datasets_status_server_error"], datasets_create=["datasets_create_ok"])
     assert main(["--root", str(checkout), "push-datasets"]) == 2
     assert "could not ask Kaggle" in capsys.readouterr().err
-    assert cli.calls() == [["datasets", "status", WEIGHTS]]
+    assert cli.calls() == [["datasets", "status", WEIGHTS, "--format", "json"]]
 
 
 def test_push_datasets_real_run_uploads_nothing_while_a_folder_is_empty(checkout, cli, capsys):
@@ -545,9 +596,9 @@ def test_make_submit_dry_run_shows_the_waits_and_the_polled_version(checkout, tm
     assert proc.returncode == 0, proc.stderr
     commands = _commands(proc)
     assert commands[:5] == [
-        "$ kaggle datasets status someone/cellmask-weights",
-        "$ kaggle datasets status someone/cellmask-wheels",
-        "$ kaggle datasets status someone/cellmask-code",
+        "$ kaggle datasets status someone/cellmask-weights --format json",
+        "$ kaggle datasets status someone/cellmask-wheels --format json",
+        "$ kaggle datasets status someone/cellmask-code --format json",
         "$ kaggle kernels push -p build/kaggle/kernels/cellmask-inference --accelerator NvidiaTeslaT4",
         "$ kaggle kernels status someone/cellmask-inference/VERSION_OF_THE_PUSH",
     ]
@@ -556,7 +607,7 @@ def test_make_submit_dry_run_shows_the_waits_and_the_polled_version(checkout, tm
         "-k someone/cellmask-inference -v VERSION_OF_THE_PUSH -m "
     )
     assert len(commands) == 6
-    assert "# (repeated every 60 s until the status is ready)" in proc.stdout
+    assert "# (repeated every 60 s until the newest version is ready)" in proc.stdout
     assert "# VERSION_OF_THE_PUSH: the number `kaggle kernels push` prints" in proc.stdout
 
     proc = _make(checkout, tmp_path, "push", "DRY_RUN=1", "ACCELERATOR=T4", KAGGLE_USERNAME="someone")
@@ -566,7 +617,9 @@ def test_make_submit_dry_run_shows_the_waits_and_the_polled_version(checkout, tm
         KAGGLE_USERNAME="someone",
     )  # fmt: skip
     assert _commands(proc) == [
-        "$ kaggle kernels push -p build/kaggle/kernels/cellmask-finetune-faster-rcnn-swin-t --accelerator NvidiaL4"
+        "$ kaggle datasets status someone/cellmask-wheels --format json",
+        "$ kaggle datasets status someone/cellmask-code --format json",
+        "$ kaggle kernels push -p build/kaggle/kernels/cellmask-finetune-faster-rcnn-swin-t --accelerator NvidiaL4",
     ]
 
 
@@ -576,7 +629,7 @@ def test_make_push_datasets_dry_run_previews_every_dataset_before_make_weights(c
     assert proc.returncode == 0, proc.stderr
     commands = _commands(proc)
     for name in ("cellmask-weights", "cellmask-wheels", "cellmask-code"):
-        assert f"$ kaggle datasets status someone/{name}" in commands
+        assert f"$ kaggle datasets status someone/{name} --format json" in commands
         assert f"$ kaggle datasets version -p build/kaggle/datasets/{name} -r zip -m v2" in commands
     assert len(commands) == 6
     assert (

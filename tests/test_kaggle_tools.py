@@ -132,7 +132,10 @@ def test_parameters_of_plain_json(tmp_path):
 # ------------------------------------------------------------------------------ weights
 
 
-def _run(path: Path, model_type: str, weight: int | None = 1, payload: bytes = b"weights") -> Path:
+def _run(
+    path: Path, model_type: str, weight: int | None = 1, payload: bytes = b"weights", done: int = 3
+) -> Path:
+    """A run directory as `cellmask train` leaves it after ``done`` of its 3 epochs."""
     path.mkdir(parents=True)
     (path / "best.pt").write_bytes(payload)
     (path / "last.pt").write_bytes(b"optimizer state too")
@@ -140,9 +143,36 @@ def _run(path: Path, model_type: str, weight: int | None = 1, payload: bytes = b
         "model": {"type": model_type, "backbone": {"name": "bb"}},
         "profile": "smoke",
         "ensemble": {"weight": weight},
+        "train": {"epochs": 3},
     }
     (path / "config.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    rows = ["epoch,train_loss,val_AP,stopped,iters"] + [f"{e},1.0,0.{e},," for e in range(1, done + 1)]
+    (path / "metrics.csv").write_text("\n".join(rows) + "\n")  # no status.json: an older run
     return path
+
+
+def test_make_weights_refuses_a_cut_run_and_names_it(tmp_path, capsys):
+    from cellmask.engine.status import RunStatus, write_status
+    from cellmask.kaggle.__main__ import main
+
+    runs = tmp_path / "runs"
+    _run(runs / "faster_rcnn_swin_t", "faster_rcnn")
+    cut = _run(runs / "cascade_rcnn_resnext101", "cascade_rcnn", done=2)  # 2 of 3 epochs (older run)
+    _run(runs / "segmenter_upernet_swin_t", "segmenter")
+    write_status(
+        runs / "faster_rcnn_swin_t", RunStatus(False, 1, 3, iteration=40, stopped="max_hours", best_epoch=1)
+    )
+    out = tmp_path / "datasets" / "cellmask-weights"
+    args = ["--root", str(tmp_path), "weights", "--from", str(runs), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "only finished runs ship" in err and err.count("\n") == 1
+    assert f"{runs / 'faster_rcnn_swin_t'} (1/3 epochs (cut: max_hours), best epoch 1)" in err
+    assert f"{cut} (2/3 epochs (unfinished), best epoch 2)" in err and "ACCEPT_UNFINISHED=1" in err
+    assert not (out / "branches").exists()  # nothing packed
+    assert main([*args, "--accept-unfinished"]) == 0  # told to: packed, each run's status printed
+    printed = capsys.readouterr().out
+    assert "1/3 epochs (cut: max_hours), best epoch 1" in printed and "3/3 epochs, best epoch 3" in printed
 
 
 def test_collect_weights_lays_out_the_dataset(tmp_path):
@@ -227,7 +257,7 @@ def test_the_declared_base_image_and_the_wheel_commands():
     assert {"ensemble-boxes", "segmentation-models-pytorch", "timm", "pycocotools"} <= set(missing)
     assert not {"torch", "torchvision", "numpy", "pandas"} & set(missing)
     assert wheels.pinned(["timm", "not-installed"], version=_fake_version) == ["timm==1.0.9", "not-installed"]
-    download, own = wheels.wheel_commands("out", base, ["timm==1.0.9"], root="repo")
+    download, own = wheels.wheel_commands("out", base, ["timm==1.0.9"], source="repo")
     assert download[download.index("--python-version") + 1] == base["python"]
     assert {"--no-deps", "--only-binary=:all:"} <= set(download) and download[-1] == "timm==1.0.9"
     assert [download[i + 1] for i, a in enumerate(download) if a == "--platform"] == base["platforms"]
@@ -385,9 +415,8 @@ def test_stage_config_pretrains_soft_teacher_as_its_plain_detector(tmp_path):
     assert semi["model"]["type"] == "soft_teacher" and semi["train"]["optimizer"] == "sgd"
     # LIVECell: the same Faster R-CNN (backbone, heads) with the detectors' recipe, no semi section
     assert plain["model"] == {**semi["model"], "type": "faster_rcnn"} and "semi" not in plain
-    assert {k: plain["train"][k] for k in session.LIVECELL_RECIPE} == {
-        k: base["train"][k] for k in session.LIVECELL_RECIPE
-    }
+    assert {k: plain[k] for k in session.LIVECELL_RECIPE} == {k: base[k] for k in session.LIVECELL_RECIPE}
+    assert plain["train"] == base["train"]  # every field, the batch included (not Soft Teacher's 1)
     assert plain["train"]["optimizer"] == "adamw" and plain["train"]["scheduler"] == "cosine"
     paper = session.stage_config(paths, name, "livecell", "paper", overrides=["train.lr=0.5"])
     assert paper["train"]["lr"] == 0.5 and paper["train"]["epochs"] == 36  # overrides come last

@@ -125,3 +125,102 @@ def test_soft_teacher_defaults_in_code_are_its_configs():
     semi = load_config(CONFIGS / "soft_teacher_resnext101.yaml")["semi"]
     assert {k: semi[k] for k in DEFAULT_SEMI_MODEL} == DEFAULT_SEMI_MODEL
     assert {k: semi[k] for k in DEFAULT_SEMI_DATA} == DEFAULT_SEMI_DATA
+
+
+# [22] = Soft Teacher (Xu et al., ICCV 2021); the paper (5.3) trains branch 4 with its default
+# augmentations. Each row: the resolved semi: key, its value, and where microsoft/SoftTeacher
+# states it (B = configs/soft_teacher/base.py, R = ssod/datasets/pipelines/rand_aug.py).
+_RESIZE = {"img_scale": [[1333, 400], [1333, 1200]], "test_scale": [1333, 800]}
+_COLOUR = [
+    "identity",
+    "autocontrast",
+    "equalize",
+    "solarize",
+    "color",
+    "contrast",
+    "brightness",
+    "sharpness",
+    "posterize",
+]
+SOFT_TEACHER_REFERENCE = [
+    # labeled: B train_pipeline = Sequential[RandResize, RandFlip, OneOf(colour)]
+    (
+        "labeled.rand_resize",
+        _RESIZE,
+        "B train_pipeline RandResize img_scale=[(1333, 400), (1333, 1200)], range, keep_ratio; B test_pipeline img_scale=(1333, 800)",
+    ),
+    ("labeled.hflip", 0.5, "B train_pipeline RandFlip(flip_ratio=0.5), mmdet's default direction horizontal"),
+    ("labeled.vflip", 0.0, "B: no vertical flip"),
+    (
+        "labeled.color.ops",
+        _COLOUR,
+        "B train_pipeline OneOf[Identity, AutoContrast, RandEqualize, RandSolarize, RandColor, RandContrast, RandBrightness, RandSharpness, RandPosterize]",
+    ),
+    (
+        "labeled.color.magnitude",
+        [1, 9],
+        "R RandAug(magnitude=10, random_magnitude=True): np.random.randint(1, 10)",
+    ),
+    ("labeled.fill", 125, "R GeometricAugmentation img_fill_val=125"),
+    # weak: B weak_pipeline = Sequential[RandResize, RandFlip]
+    ("weak.rand_resize", _RESIZE, "B weak_pipeline RandResize (as train_pipeline)"),
+    ("weak.hflip", 0.5, "B weak_pipeline RandFlip(flip_ratio=0.5)"),
+    ("weak.vflip", 0.0, "B: no vertical flip"),
+    ("weak.max_scale", 1.0, "ours: the teacher's view stays whole (B shows the resized image whole)"),
+    ("weak.scale", None, "ours: rand_resize instead of the smaller set's scale jitter"),
+    ("weak.shift", 0.0, "ours: idem"),
+    ("weak.fill", 125, "R img_fill_val=125"),
+    # strong: B strong_pipeline = Sequential[RandResize, RandFlip, ShuffledSequential[OneOf(colour),
+    # OneOf(geometric)], RandErase]
+    ("strong.rand_resize", _RESIZE, "B strong_pipeline RandResize (as train_pipeline)"),
+    ("strong.hflip", 0.5, "B strong_pipeline RandFlip(flip_ratio=0.5)"),
+    ("strong.vflip", 0.0, "B: no vertical flip"),
+    ("strong.color.ops", _COLOUR, "B strong_pipeline ShuffledSequential[OneOf(colour: the same 9 ops), ...]"),
+    ("strong.color.magnitude", [1, 9], "R RandAug defaults"),
+    (
+        "strong.geometric.ops",
+        ["translate_x", "translate_y", "rotate", "shear"],
+        "B OneOf[RandTranslate(x), RandTranslate(y), RandRotate, [RandShear(x), RandShear(y)]]",
+    ),
+    (
+        "strong.geometric.translate",
+        [-0.1, 0.1],
+        "B RandTranslate x=(-0.1, 0.1) / y=(-0.1, 0.1), fractions of img_shape (R)",
+    ),
+    ("strong.geometric.rotate", [-30, 30], "B RandRotate angle=(-30, 30), about the image centre (R)"),
+    ("strong.geometric.shear", [-30, 30], "B RandShear x=(-30, 30), y=(-30, 30) degrees, factor tanh (R)"),
+    ("strong.erase.p", 1.0, "R GeometricAugmentation prob=1.0"),
+    ("strong.erase.count", [1, 4], "B RandErase n_iterations=(1, 5): np.random.randint -> 1..4 (R)"),
+    ("strong.erase.size", [0.0, 0.2], "B RandErase size=[0, 0.2]"),
+    ("strong.erase.shape", "image", "B RandErase squared=True: one ratio for both sides of the image (R)"),
+    ("strong.scale", None, "ours: rand_resize instead of the smaller set's scale jitter"),
+    ("strong.shift", 0.0, "ours: idem (B's translation is RandTranslate, in geometric)"),
+    ("strong.fill", 125, "R img_fill_val=125 (RandTranslate/Rotate/Shear borders, RandErase patches)"),
+    ("strong.brightness_contrast", None, "not in B (the smaller set's op)"),
+    ("strong.gaussian_blur", None, "not in B (the smaller set's op)"),
+]
+
+
+@pytest.mark.parametrize(
+    "key, value, source", SOFT_TEACHER_REFERENCE, ids=[r[0] for r in SOFT_TEACHER_REFERENCE]
+)
+def test_soft_teacher_paper_profile_uses_the_references_augmentations(key, value, source):
+    from cellmask.config import get
+    from cellmask.data.semi import semi_data_config
+
+    semi = semi_data_config(load_config(CONFIGS / "soft_teacher_resnext101.yaml")["semi"])
+    assert get(semi, key, "<missing>") == value, source
+
+
+def test_soft_teacher_reference_table_covers_every_augmentation_key():
+    from cellmask.data.semi import DEFAULT_SEMI_DATA
+
+    def leaves(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict) and k not in ("rand_resize",):
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    views = {k: DEFAULT_SEMI_DATA[k] for k in ("labeled", "weak", "strong")}
+    assert set(leaves(views)) == {key for key, _, _ in SOFT_TEACHER_REFERENCE}

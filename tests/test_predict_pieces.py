@@ -279,3 +279,52 @@ def test_vote_entries_relabels_every_entry_and_keeps_empty_ones():
     assert [v.labels.tolist() for v in voted] == [[1], [], [1, 1]]  # 0.9 beats 0.3 + 0.3
     assert voted[2].scores.tolist() == pytest.approx([0.3, 0.3])
     assert vote_entries([Detections.empty()], 0.25)[0].labels.size == 0
+
+
+# ------------------------------------------------------------------------------ mask write-back
+
+
+def test_mask_write_back_copies_each_image_once(real_records):
+    """``segmenter_masks`` (with and without a ProbabilityStore) and ``own_masks`` hand the
+    pasted windows over as NumPy arrays equal to a window-by-window copy of the paste, with the
+    same few host reads for 60 boxes as for 496 (never one per box)."""
+    from functools import partial
+
+    from _host_syncs import HostSyncs
+
+    from cellmask.data.images import read_image
+    from cellmask.models.segmenter import paste_masks
+    from cellmask.predict.pipeline import ProbabilityStore, own_masks, segmenter_masks
+
+    record = max(real_records, key=len)
+    image = _tensor(read_image(record.path))
+    seg = ContentSegmenter(crop_size=28)
+    counts: dict[str, list[int]] = {"segmenter": [], "store": [], "own": []}
+    for k in (60, len(record)):
+        boxes = record.boxes[:k]
+        keep = np.arange(0, k, 2)
+        sel = torch.as_tensor(boxes[keep])
+        rois = torch.cat([torch.zeros((len(sel), 1)), sel], 1)
+        pasted, conf = paste_masks(
+            seg.predict_probs(image[None], rois), sel, image.shape[-2:], 0.5, dense=False
+        )
+        expected = (pasted.offsets.numpy(), [w.numpy() for w in pasted.windows], conf.numpy())
+        store = ProbabilityStore()
+        makers = {
+            "segmenter": partial(segmenter_masks, seg, image, boxes),
+            "store": partial(segmenter_masks, seg, image, boxes, store=store),
+            "own": partial(own_masks, pasted, image.shape[-2:]),
+        }
+        for name, make in makers.items():
+            with HostSyncs() as syncs:
+                offsets, windows, confidences = make()(keep if name != "own" else np.arange(len(keep)))
+            counts[name].append(syncs.total)
+            assert offsets.dtype == np.int64 and np.array_equal(offsets, expected[0])
+            assert len(windows) == len(expected[1]) == len(keep)
+            for got, want in zip(windows, expected[1], strict=True):
+                assert got.dtype == bool and got.shape == want.shape and np.array_equal(got, want)
+            if name != "own":
+                np.testing.assert_array_equal(confidences, expected[2])
+        assert len(store) == len(keep)
+    for name, (few, many) in counts.items():
+        assert few == many <= 12, (name, counts)

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from cellmask.config import deep_merge
 from cellmask.data.semi import (
+    COMPACT_VIEWS,
     SemiDataset,
     TwoViewDataset,
     collate_semi,
@@ -33,6 +35,12 @@ H, W = 64, 96
 # below, B is cut by the weak view's crop and whole in the strong view.
 RECT_A = (32, 24, 44, 36)
 RECT_B = (56, 40, 80, 48)
+
+
+def _compact(view: str, **changes) -> dict:
+    """The cpu/demo/smoke profiles' ``semi.<view>`` with ``changes`` merged in (the tests below
+    exercise that smaller set; [22]'s pipelines: tests/test_semi_pipelines.py)."""
+    return deep_merge(COMPACT_VIEWS[view], changes)
 
 
 def _rect_image() -> np.ndarray:
@@ -105,7 +113,8 @@ def test_two_views_are_the_original_warped_by_their_matrices(tmp_path: Path):
     _write_images(tmp_path / "train_semi_supervised", 2)
     records = load_unlabeled(tmp_path)
     geometric_only = {"brightness_contrast": None, "gaussian_blur": None, "erase": None}
-    ds = TwoViewDataset(records, strong={**geometric_only, "hflip": 0.5, "vflip": 0.5, "scale": [0.5, 1.5]})
+    strong = _compact("strong", **geometric_only, scale=[0.5, 1.5])
+    ds = TwoViewDataset(records, weak=_compact("weak"), strong=strong)
     original = cv2.imread(str(records[1].path), cv2.IMREAD_GRAYSCALE)
     torch.manual_seed(3)
     item = ds[1]
@@ -122,9 +131,9 @@ def test_strong_view_photometric_and_cutout_change_only_pixels(tmp_path: Path):
     _write_images(tmp_path / "train_semi_supervised", 1)
     records = load_unlabeled(tmp_path)
     fixed = {"hflip": 0, "vflip": 0, "scale": [1, 1], "shift": 0}
-    strong = {**fixed, "fill": 7, "brightness_contrast": None, "gaussian_blur": None}
-    strong["erase"] = {"p": 1.0, "count": [2, 2], "size": [0.25, 0.25]}
-    ds = TwoViewDataset(records, weak=fixed, strong=strong)
+    strong = _compact("strong", **fixed, fill=7, brightness_contrast=None, gaussian_blur=None)
+    strong["erase"] = {"p": 1.0, "count": [2, 2], "size": [0.25, 0.25], "shape": "square"}
+    ds = TwoViewDataset(records, weak=_compact("weak", **fixed), strong=strong)
     item = ds[0]
     assert np.array_equal(item["strong_matrix"].numpy(), np.eye(3))
     changed = item["strong"][0] != item["weak"][0]
@@ -187,7 +196,8 @@ def test_unlabeled_folder_default_and_clear_errors(tmp_path: Path):
 
 
 def test_semi_data_config_defaults_and_errors():
-    cfg = semi_data_config({"ratio": [1, 4], "strong": {"shift": 0.2}, "unsup_weight": 2.0})
+    strong = _compact("strong", shift=0.2)
+    cfg = semi_data_config({"ratio": [1, 4], "strong": strong, "weak": _compact("weak"), "unsup_weight": 2.0})
     assert cfg["ratio"] == [1, 4] and cfg["strong"]["shift"] == 0.2
     assert cfg["strong"]["erase"]["count"] == [1, 5] and "unsup_weight" not in cfg
     with pytest.raises(ValueError, match="semi.weak: unknown"):
@@ -195,6 +205,9 @@ def test_semi_data_config_defaults_and_errors():
     with pytest.raises(ValueError, match="semi.ratio"):
         semi_data_config({"ratio": [0, 1]})
     assert math.isclose(semi_data_config(None)["weak"]["hflip"], 0.5)
+    # rand_resize places the image itself: a scale or shift beside it is an error
+    with pytest.raises(ValueError, match="rand_resize places"):
+        semi_data_config({"strong": {"shift": 0.2}})
 
 
 def test_teacher_view_is_whole_so_border_cells_reach_the_student_as_pseudo_boxes(tmp_path: Path):
@@ -209,7 +222,9 @@ def test_teacher_view_is_whole_so_border_cells_reach_the_student_as_pseudo_boxes
     cv2.imwrite(str(folder / "border.png"), image)
     geometric_only = {"brightness_contrast": None, "gaussian_blur": None, "erase": None}
     ds = TwoViewDataset(
-        load_unlabeled(tmp_path), strong={**geometric_only, "scale": [1.0, 1.0], "shift": 0.0}
+        load_unlabeled(tmp_path),
+        weak=_compact("weak"),
+        strong=_compact("strong", **geometric_only, scale=[1.0, 1.0], shift=0.0),
     )
     torch.manual_seed(0)
     for _ in range(30):
@@ -234,7 +249,13 @@ def test_teacher_view_is_whole_so_border_cells_reach_the_student_as_pseudo_boxes
 def test_weak_view_that_would_cut_the_image_is_a_clear_error():
     for weak in ({"scale": [0.8, 1.2]}, {"scale": [1.0, 1.0], "shift": 0.05}, {"scale": 0.1}):
         with pytest.raises(ValueError, match="teacher's view whole"):
-            semi_data_config({"weak": weak})
-    ok = semi_data_config({"weak": {"scale": [0.7, 0.9], "shift": 0.05}})  # (1 - 0.9) / 2 = 0.05
+            semi_data_config({"weak": _compact("weak", **weak)})
+    ok = semi_data_config({"weak": _compact("weak", scale=[0.7, 0.9], shift=0.05)})  # (1 - 0.9) / 2
     assert ok["weak"]["shift"] == 0.05
-    assert semi_data_config(None)["weak"]["scale"][1] <= 1.0
+    assert _compact("weak")["scale"][1] <= 1.0
+    # max_scale clamps the drawn scale: [0.8, 1.2] clamped at 1 keeps the image whole
+    assert semi_data_config({"weak": _compact("weak", scale=[0.8, 1.2], max_scale=1.0)})
+    # [22]'s weak view: rand_resize needs max_scale <= 1 (its draws reach 1.23 on a 520x704 image)
+    for max_scale in (None, 1.1):
+        with pytest.raises(ValueError, match="teacher's view whole"):
+            semi_data_config({"weak": {"max_scale": max_scale}})

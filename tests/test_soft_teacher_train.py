@@ -89,6 +89,33 @@ def test_parts_train_a_few_steps_and_validate_the_teacher(data_root: Path, tmp_p
     assert (tmp_path / "run" / "pseudo_boxes_epoch_001.png").stat().st_size > 0
 
 
+def test_references_augmentations_train_a_few_steps(data_root: Path):
+    """The smoke model with the paper profile's views and labeled pipeline ([22]'s defaults:
+    rand_resize, flips, colour, translate/rotate/shear, erase) steps with finite losses."""
+    from cellmask.data.semi import CanvasResize, ColorOneOf
+    from cellmask.engine import build_optimizer
+
+    paper = load_config(CONFIG)["semi"]
+    cfg = _cfg(**{"semi.pseudo.score_thresh": 0.05, "semi.pseudo.reg_score_thresh": 0.05})
+    cfg["semi"] = {**cfg["semi"], **{k: paper[k] for k in ("labeled", "weak", "strong")}}
+    (model, loader, _), cfg = _parts(cfg, data_root, None)
+    labeled = loader.dataset.dataset.labeled.transforms.ops  # SeededDataset(SemiDataset)
+    assert [type(op).__name__ for op in labeled] == ["CanvasResize", "Flip", "ColorOneOf"]
+    assert isinstance(labeled[0], CanvasResize) and isinstance(labeled[2], ColorOneOf)
+    optimizer = build_optimizer(cfg, model)
+    model.train()
+    for it, batch in enumerate(loader):
+        out = model.training_step(batch)
+        loss = sum(v for k, v in out.items() if k.startswith("loss"))
+        assert all(math.isfinite(float(v)) for v in out.values()), out
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.on_optimizer_step(it)
+        if it == 1:
+            break
+
+
 def test_missing_or_empty_unlabeled_folder_is_one_clear_error(tmp_path: Path):
     root = tmp_path / "data"
     synthetic.write_dataset(root, n_train=4, n_unlabeled=0, n_test=0, n_livecell=0, seed=0, size=SIZE)
@@ -134,7 +161,9 @@ def test_smoke_run_trains_validates_the_teacher_and_resumes_exactly(data_root: P
     assert type(detector).__name__ == "CellFasterRCNN" and not detector.training
 
     run_training(cfg, data_root, "sartorius", tmp_path / "half", epochs=1, device="cpu")
-    run_training(cfg, data_root, "sartorius", tmp_path / "half", epochs=2, resume=True, device="cpu")
+    run_training(
+        cfg, data_root, "sartorius", tmp_path / "half", epochs=2, resume=True, extend=True, device="cpu"
+    )
     a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "half" / "last.pt")["model"]
     assert a.keys() == b.keys() and any(k.startswith("teacher.") for k in a)

@@ -35,6 +35,8 @@ Run directory written by :func:`fit` (rank 0 only)::
                             ``iters`` (its iterations done), a resumed one ``resumed_at``, empty on other rows;
                             out_dir/metrics.png plots it (losses, statistics, validation, lr)
     out_dir/steps.csv       one row per iteration and rank: every value the step returned
+    out_dir/status.json     finished or not, epochs done / planned, best epoch
+                            (:mod:`~cellmask.engine.status`: only finished runs ship)
 
 Checkpoints hold only tensors and plain containers, and every load uses
 ``torch.load(..., weights_only=True)``.
@@ -103,6 +105,7 @@ from cellmask.engine.optim import NO_DECAY_KEYS, build_optimizer, build_schedule
 from cellmask.engine.rng import item_seed, rng_state, seed_everything, set_rng_state
 from cellmask.engine.run import Run, ValFn
 from cellmask.engine.runner import fit
+from cellmask.engine.status import ResumeError, RunStatus, check_continuation, read_status
 
 __all__ = [
     "NO_DECAY_KEYS",
@@ -113,7 +116,9 @@ __all__ = [
     "EpochSampler",
     "InitReport",
     "NonFiniteGuard",
+    "ResumeError",
     "Run",
+    "RunStatus",
     "SeededDataset",
     "TrainStep",
     "ValFn",
@@ -125,6 +130,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "build_train_loader",
+    "check_continuation",
     "checkpoint_state_dict",
     "cleanup_distributed",
     "collate_pairs",
@@ -141,6 +147,7 @@ __all__ = [
     "move_to_device",
     "plot_metrics",
     "prune_epoch_checkpoints",
+    "read_status",
     "resolve_device",
     "rng_state",
     "save_checkpoint",

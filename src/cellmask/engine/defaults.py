@@ -22,11 +22,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "gamma": 0.1,
     "grad_clip": 10.0,
     "amp": True,
-    "amp_dtype": "float16",
+    "amp_dtype": "auto",
     "num_workers": 2,
     "prefetch_factor": 2,
     "image_cache": True,
     "seed": 0,
+    "type_balance": 0.0,
     "checkpoint_every": 1,
     "keep_epoch_checkpoints": 5,
     "val_every": 1,
@@ -34,6 +35,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "monitor_mode": "max",
     "max_nonfinite": 10,
     "max_hours": None,
+    "deadline": None,
+    "reserve_minutes": 0,
     "progress": None,
     "find_unused_parameters": False,
 }
@@ -42,6 +45,13 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 ``max_hours``: wall-clock budget of one :func:`~cellmask.engine.runner.fit` call, in hours
 (``null`` or 0: none): training stops after the step that passes it, with ``last.pt`` written
 (:class:`~cellmask.engine.loop.WallClockBudget`).
+``deadline``: a wall-clock time (``time.time()`` seconds) training must end by, whichever of it
+and ``max_hours`` comes first (a Kaggle session sets it from the session's start).
+``reserve_minutes``: room kept before the budget's end for the last validation and save; the run
+raises it to the slowest validation + save it measures.
+``type_balance``: how evenly the cell types share the training steps: each type's share of an
+epoch's draws is proportional to ``n_images ** (1 - type_balance)`` (0: uniform over images, as
+the paper; 1: every type the same share; :class:`~cellmask.engine.loaders.BalancedSampler`).
 ``prefetch_factor``: batches each loader worker prepares ahead (used when ``num_workers > 0``).
 ``image_cache``: the training datasets ``cellmask train`` builds keep decoded images in memory;
 the loader's workers persist across epochs, so each worker's cache does too (one 520x704 uint8

@@ -27,6 +27,7 @@ from cellmask.engine.loop import (
 )
 from cellmask.engine.rng import rng_state
 from cellmask.engine.run import STOPPED_MAX_HOURS, Run, ValFn
+from cellmask.engine.status import run_status, write_status
 
 log = logging.getLogger("cellmask.engine")
 
@@ -154,6 +155,7 @@ def save_epoch(
         if is_best:
             save_checkpoint(weights, out_dir / "best.pt")
         write_metrics_csv(run.history, out_dir / "metrics.csv")
+        write_status(out_dir, run_status(run.history, run.total_epochs, run.best, run.iters_per_epoch))
         plot_metrics(run.history, out_dir / "metrics.png")
         numbers = {k: v for k, v in row.items() if k != "epoch" and not isinstance(v, str)}
         note = f" (stopped: {row['stopped']})" if row.get("stopped") else ""

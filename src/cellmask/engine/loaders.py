@@ -54,6 +54,57 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return len(self.sampler)  # type: ignore[arg-type]
 
 
+class BalancedSampler(Sampler[int]):
+    """Each epoch, ``len(groups)`` indices drawn so that each group gets a share of the draws
+    proportional to ``n_group ** (1 - power)``: ``power`` 0 is the uniform order over items (each
+    group its natural share), 1 gives every group the same share (a cell type with 6% of the
+    images gets a third of the steps). Within a group, items come in a shuffled cycle (every item
+    once before any twice). Deterministic in ``(seed, epoch)``; ``rank::num_replicas`` of the
+    draws for one replica (as :class:`~torch.utils.data.DistributedSampler`, padded to a
+    multiple of the replicas).
+    """
+
+    def __init__(
+        self, groups: list[str], power: float, seed: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        if not 0.0 <= float(power) <= 1.0:
+            raise ValueError(f"train.type_balance must be in [0, 1], got {power}")
+        self.groups, self.power, self.seed = list(groups), float(power), int(seed)
+        self.num_replicas, self.rank, self.epoch = int(num_replicas), int(rank), 0
+        self.num_samples = -(-len(self.groups) // self.num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def shares(self) -> dict[str, float]:
+        """Each group's expected share of the draws."""
+        sizes = {g: self.groups.count(g) for g in dict.fromkeys(self.groups)}
+        weights = {g: n ** (1.0 - self.power) for g, n in sizes.items()}
+        total = sum(weights.values())
+        return {g: w / total for g, w in weights.items()}
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        names = list(self.shares())
+        members = {g: [i for i, x in enumerate(self.groups) if x == g] for g in names}
+        weights = torch.tensor([self.shares()[g] for g in names], dtype=torch.float64)
+        total = self.num_samples * self.num_replicas
+        picks = torch.multinomial(weights, total, replacement=True, generator=generator).tolist()
+        cycles: dict[str, list[int]] = {g: [] for g in names}
+        drawn = []
+        for k in picks:
+            g = names[k]
+            if not cycles[g]:
+                cycles[g] = [
+                    members[g][i] for i in torch.randperm(len(members[g]), generator=generator).tolist()
+                ]
+            drawn.append(cycles[g].pop())
+        return iter(drawn[self.rank : total : self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class SeededDataset(Dataset):
     """``dataset`` read by ``(epoch, index)`` keys, with the global RNGs seeded per item.
 
@@ -93,7 +144,8 @@ def build_train_loader(
     """A shuffling loader whose batches depend only on ``(train.seed, epoch)`` (module docstring).
 
     The order comes from a :class:`~torch.utils.data.DistributedSampler` (one replica unless
-    distributed; :func:`set_loader_epoch` sets its epoch); items are read through a
+    distributed; :func:`set_loader_epoch` sets its epoch), or with ``train.type_balance`` > 0 and a
+    dataset whose items have groups (``item_groups()``: cell types) a :class:`BalancedSampler`; items are read through a
     :class:`SeededDataset` (``loader.dataset.dataset`` is ``dataset``). Batch size
     ``train.batch_size`` per process, ``train.num_workers`` workers, persistent unless
     ``persistent_workers=False``, each preparing ``train.prefetch_factor`` batches ahead; memory
@@ -103,9 +155,14 @@ def build_train_loader(
     info = info or init_distributed()
     seed = int(tcfg["seed"])
     workers = int(tcfg["num_workers"])
-    sampler = DistributedSampler(
-        dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed
-    )
+    balance = float(tcfg.get("type_balance") or 0.0)
+    groups = dataset.item_groups() if balance and hasattr(dataset, "item_groups") else None
+    if groups and len(set(groups)) > 1:
+        sampler: Sampler[int] = BalancedSampler(groups, balance, seed, info.world_size, info.rank)
+    else:
+        sampler = DistributedSampler(
+            dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed
+        )
     options: dict[str, Any] = {}
     if workers > 0:
         options["persistent_workers"] = True if persistent_workers is None else bool(persistent_workers)

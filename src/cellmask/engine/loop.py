@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cellmask.engine.amp import amp_dtype
 from cellmask.engine.defaults import train_config
 from cellmask.engine.dist import DistInfo
 from cellmask.engine.loaders import Batch, move_to_device
@@ -81,36 +82,70 @@ class NonFiniteGuard:
 
 
 class WallClockBudget:
-    """``train.max_hours`` as a deadline counted from construction (the start of a ``fit``).
+    """When training must stop: ``train.max_hours`` counted from construction (the start of a
+    ``fit``) and/or ``train.deadline`` (a ``time.time()`` instant, e.g. a Kaggle session's end),
+    whichever comes first, less a reserve kept for the last validation and save.
 
-    :meth:`passed` is a collective under DDP: every rank calls it after the same step and gets
-    the same answer (true once any rank's clock is past the budget), so all ranks stop together.
+    The reserve starts at ``train.reserve_minutes`` and grows to the slowest validation + save the
+    run measures (:meth:`reserve`), so the cut epoch's forced validation and its checkpoints fit in
+    the budget. :meth:`passed` is a collective under DDP: every rank calls it after the same step
+    and gets the same answer (true once any rank's clock is past the budget), so all ranks stop
+    together.
 
     Raises:
-        ValueError: ``max_hours`` is not a positive number (``None`` or 0 mean no budget in a
-            config: :meth:`from_config` returns ``None`` for them).
+        ValueError: ``max_hours`` is not a non-negative number, or neither a budget nor a
+            deadline is given (``None`` or 0 mean no budget in a config: :meth:`from_config`
+            returns ``None`` for them).
     """
 
-    def __init__(self, max_hours: float, start: float | None = None) -> None:
+    def __init__(
+        self,
+        max_hours: float | None = None,
+        start: float | None = None,
+        deadline: float | None = None,
+        reserve_s: float = 0.0,
+    ) -> None:
         self.max_hours = _check_max_hours(max_hours)
-        if self.max_hours == 0:
-            raise ValueError("a WallClockBudget needs max_hours > 0 (0 or None: no budget, no object)")
-        self.seconds = self.max_hours * 3600.0
+        if self.max_hours == 0 and deadline is None:
+            raise ValueError(
+                "a WallClockBudget needs max_hours > 0 or a deadline (none: no budget, no object)"
+            )
+        self.seconds = self.max_hours * 3600.0 if self.max_hours else math.inf
         self.start = time.monotonic() if start is None else float(start)
+        self.deadline = None if deadline is None else float(deadline)
+        self.reserve_s = max(float(reserve_s), 0.0)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> WallClockBudget | None:
-        """The budget of ``cfg``'s ``train.max_hours``; ``None`` when it is null or 0."""
-        hours = _check_max_hours(train_config(cfg).get("max_hours"))
-        return cls(hours) if hours else None
+        """The budget of ``cfg``'s ``train.max_hours`` / ``train.deadline`` /
+        ``train.reserve_minutes``; ``None`` when there is neither a budget nor a deadline."""
+        tcfg = train_config(cfg)
+        hours = _check_max_hours(tcfg.get("max_hours"))
+        deadline = tcfg.get("deadline")
+        if not hours and deadline is None:
+            return None
+        reserve = float(tcfg.get("reserve_minutes") or 0.0) * 60.0
+        return cls(hours or None, deadline=None if deadline is None else float(deadline), reserve_s=reserve)
 
     def elapsed(self) -> float:
         """Seconds since the start."""
         return time.monotonic() - self.start
 
+    def remaining(self) -> float:
+        """Seconds left before the budget's end (the reserve not deducted; may be negative)."""
+        left = self.seconds - self.elapsed()
+        if self.deadline is not None:
+            left = min(left, self.deadline - time.time())
+        return left
+
+    def reserve(self, seconds: float) -> None:
+        """Keep at least ``seconds`` before the end (a validation + save just measured)."""
+        self.reserve_s = max(self.reserve_s, float(seconds))
+
     def passed(self, info: DistInfo | None = None) -> bool:
-        """Whether the budget is spent (on any rank: call it on every rank under DDP)."""
-        over = self.elapsed() >= self.seconds
+        """Whether the budget, less the reserve, is spent (on any rank: call it on every rank
+        under DDP)."""
+        over = self.remaining() <= self.reserve_s
         if info is not None and info.distributed:
             flag = torch.tensor([1.0 if over else 0.0], device=info.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -230,7 +265,7 @@ def train_one_epoch(
     info = info or DistInfo(device=device)
     guard = guard or NonFiniteGuard(int(tcfg["max_nonfinite"]))
     use_amp = bool(tcfg["amp"]) and device.type == "cuda"
-    amp_dtype = getattr(torch, str(tcfg["amp_dtype"]))
+    dtype = amp_dtype(tcfg["amp_dtype"], device)
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     step = model if isinstance(model, TrainStep | nn.parallel.DistributedDataParallel) else TrainStep(model)
     hook = getattr(bare_model(step), "on_optimizer_step", None)
@@ -252,7 +287,7 @@ def train_one_epoch(
         iteration = start_iteration + iters
         iters += 1
         batch = move_to_device(batch, device)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_amp):
             losses = step(batch)
         if not losses:
             raise ValueError("the training step returned no losses")

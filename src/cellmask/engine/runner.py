@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cellmask.config import save_config, to_plain
+from cellmask.engine.amp import amp_dtype, needs_scaler, tune_backends
 from cellmask.engine.checkpoints import (
     CheckpointError,
     load_checkpoint,
@@ -51,6 +52,7 @@ from cellmask.engine.loop import (
 from cellmask.engine.optim import build_optimizer, build_scheduler
 from cellmask.engine.rng import rng_state, seed_everything, set_rng_state
 from cellmask.engine.run import Run, ValFn
+from cellmask.engine.status import ResumeError, resume_problems, run_status
 
 log = logging.getLogger("cellmask.engine")
 
@@ -65,6 +67,7 @@ def fit(
     init: str | Path | None = None,
     epochs: int | None = None,
     device: str | torch.device | None = None,
+    extend: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` for ``epochs`` (default ``cfg.train.epochs``), checkpointing every epoch.
 
@@ -83,7 +86,12 @@ def fit(
         cfg: the full resolved config (saved to ``config.yaml`` and in every checkpoint).
         out_dir: the run directory (see the package docstring).
         resume: continue from ``out_dir/last.pt`` (weights, optimiser, scheduler, scaler, epoch,
-            history, best, RNG states): the result equals an uninterrupted run's.
+            history, best, RNG states): the result equals an uninterrupted run's. The config must
+            be the one in ``last.pt`` but for :data:`~cellmask.engine.status.RESUME_MAY_CHANGE`,
+            and ``epochs`` above the epochs done (:func:`~cellmask.engine.status.resume_problems`).
+        extend: with ``resume``, allow a longer schedule than the run's (``epochs`` above its
+            ``train.epochs``): the learning-rate schedule is recomputed over the new length
+            (the change of the learning rate at the resume point is logged).
         init: a checkpoint whose weights initialise the model
             (:func:`~cellmask.engine.checkpoints.load_init_weights`; class layers re-initialised
             when the class count differs). Ignored when resuming.
@@ -91,16 +99,20 @@ def fit(
         device: ``cpu``, ``cuda``, or ``None`` for CUDA when available (under DDP each process
             uses ``cuda:LOCAL_RANK``).
 
-    ``cfg.train.max_hours`` (hours, from this call's start; null or 0: none) ends training after
-    the iteration that passes it; ``resume=True`` continues from the next (module docstring).
+    ``cfg.train.max_hours`` (hours, from this call's start; null or 0: none) and
+    ``cfg.train.deadline`` (a ``time.time()`` instant) end training after the iteration that
+    passes the earlier of them less the reserve for the last validation and save
+    (:class:`~cellmask.engine.loop.WallClockBudget`); ``resume=True`` continues from the next.
 
     Returns:
         ``{"history": [row per epoch], "best": {"epoch", "metric", "value"} | None,
         "out_dir": Path, "init": InitReport | None, "model": model, "stopped": "max_hours" |
-        None}`` (``stopped``: why training ended before the last epoch; ``None``: it did not).
+        None, "status": RunStatus}`` (``stopped``: why training ended before the last epoch;
+        ``None``: it did not; ``status``: also in ``status.json``).
 
     Raises:
         ValueError: ``train.max_hours`` is negative or not a number.
+        ResumeError: ``resume`` with a config or ``epochs`` that would not continue the same run.
     """
     budget = WallClockBudget.from_config(to_plain(cfg))  # started now; a bad value fails first
     run = new_run(
@@ -108,7 +120,7 @@ def fit(
     )
     run.budget = budget
     if resume:
-        restore(run, ignored_init=init)
+        restore(run, ignored_init=init, extend=extend)
     else:
         seed_everything(int(run.tcfg["seed"]))
         if init is not None:
@@ -123,10 +135,13 @@ def fit(
         cut = row.get("stopped") is not None
         inside = cut and int(row["iters"]) < run.iters_per_epoch  # the cut left batches of this epoch
         states = gather_objects(rng_state(), run.info) if cut else None  # before the cut's validation
+        closing = time.perf_counter()
         row.update(validate(run, val_fn, epoch, force=cut))
         row["time_s"] = round(time.perf_counter() - started, 3)
         is_best = record_epoch(run, row)
         save_epoch(run, row, steps, is_best, rng=states, iteration=int(row["iters"]) if inside else 0)
+        if budget is not None and any(k.startswith("val_") for k in row):  # the cut's own must fit too
+            budget.reserve(time.perf_counter() - closing)
         if cut:
             run.stopped = str(row["stopped"])
             if run.info.is_main:
@@ -150,6 +165,7 @@ def fit(
         "init": run.init_report,
         "model": model,
         "stopped": run.stopped,
+        "status": run_status(run.history, run.total_epochs, run.best, run.iters_per_epoch),
     }
 
 
@@ -180,7 +196,11 @@ def new_run(
         raise ValueError("the training loader is empty (no images, or batch_size too large with drop_last)")
     model.to(info.device)
     optimizer = build_optimizer(cfg, model)
-    use_amp = bool(tcfg["amp"]) and info.device.type == "cuda" and str(tcfg["amp_dtype"]) == "float16"
+    dtype = amp_dtype(tcfg["amp_dtype"], info.device)
+    use_amp = needs_scaler(bool(tcfg["amp"]), dtype, info.device)
+    tune_backends(info.device, fixed_size=True)  # 520x704 images resized to one size; 128x128 crops
+    if bool(tcfg["amp"]) and info.device.type == "cuda":
+        log.info("autocast %s%s", str(dtype).replace("torch.", ""), " with GradScaler" if use_amp else "")
     return Run(
         cfg=cfg,
         info=info,
@@ -196,15 +216,26 @@ def new_run(
     )
 
 
-def restore(run: Run, ignored_init: str | Path | None = None) -> None:
+def restore(run: Run, ignored_init: str | Path | None = None, extend: bool = False) -> None:
     """Continue ``run`` from ``out_dir/last.pt``: weights, optimiser, scheduler, scaler, epoch,
     history, best and this rank's RNG states; ``steps.csv`` loses the rows of epochs after it.
 
     Raises:
         FileNotFoundError / CheckpointError: no readable ``last.pt``, or one that does not fit.
+        ResumeError: ``run``'s config differs from the one in ``last.pt`` (but for
+            :data:`~cellmask.engine.status.RESUME_MAY_CHANGE`), or its epochs would train
+            nothing, or lengthen the schedule without ``extend``.
     """
     path = run.out_dir / "last.pt"
     ckpt = load_checkpoint(path, map_location="cpu")
+    if isinstance(ckpt.get("config"), Mapping):
+        problems = resume_problems(ckpt["config"], run.cfg, int(ckpt.get("epoch") or 0), extend=extend)
+        if problems:
+            raise ResumeError(
+                f"{path}: this continuation would not continue that run: " + "; ".join(problems)
+                + ". Continue it with the config it was started with (the session's max_hours may change)"
+            )  # fmt: skip
+    old_lr = [float(x) for x in (ckpt.get("scheduler") or {}).get("_last_lr", [])]
     try:
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -227,10 +258,25 @@ def restore(run: Run, ignored_init: str | Path | None = None) -> None:
         )
     if ignored_init is not None:
         log.info("resuming: --init %s ignored (weights come from last.pt)", ignored_init)
+    planned = int(train_config(ckpt.get("config") or {})["epochs"]) if ckpt.get("config") else None
+    if planned is not None and planned != run.total_epochs and run.info.is_main:
+        step = run.scheduler.last_epoch
+        new_lr = [
+            base * fn(step) for base, fn in zip(run.scheduler.base_lrs, run.scheduler.lr_lambdas, strict=True)
+        ]
+        log.warning(
+            "extended: the schedule grows from %d to %d epochs; the learning rate at the resume point "
+            "goes from %s to %s (the %s schedule is recomputed over %d epochs)",
+            planned, run.total_epochs, _lrs(old_lr), _lrs(new_lr), run.tcfg["scheduler"], run.total_epochs,
+        )  # fmt: skip
     log.info(
         "resumed from %s after epoch %d%s", path, run.start_epoch,
         f" and {run.start_iteration} iterations of the next" if run.start_iteration else "",
     )  # fmt: skip
+
+
+def _lrs(values: list[float]) -> str:
+    return "/".join(f"{v:.3g}" for v in values) or "?"
 
 
 def open_run(run: Run) -> None:

@@ -39,12 +39,15 @@ def ablation_records(results: Sequence[Any]) -> list[dict[str, Any]]:
 def format_ablation(results: Sequence[Any], n_images: int) -> str:
     """A Markdown table (paper Table 1's shape) with the best score in bold."""
     recs = ablation_records(results)
-    cols = ["row", "branches", "tta", "class_vote", "min_area", "rescore", "score", *CLASSES]
+    cols = ["row", "branches", "tta", "tta_fusion", "class_vote", "min_area", "rescore", "paper_exact"]
+    cols += ["score", *CLASSES]
     cols += ["P@0.50", "P@0.75", "P@0.90", "instances"]
     best = max((r["score"] for r in recs), default=math.nan)
     lines = [
         f"Competition metric on {n_images} validation images (P@t: precision at IoU threshold t; "
-        "* = the pipeline as configured).",
+        "* = the pipeline as configured; tta fusion: views = every (branch, view) one WBF entry, "
+        "per_model = each branch's views merged first; paper exact: the paper's pipeline, "
+        "`--paper-exact`).",
         "",
         "| " + " | ".join(c.replace("_", " ") for c in cols) + " |",
         "|" + "|".join("---" if c == "row" else "---:" for c in cols) + "|",

@@ -4,6 +4,7 @@
 
     cellmask evaluate --data ROOT --runs RUN [RUN ...] --segmenter RUN [--split val|all]
         [--ablation] [--baseline RUN] [--out DIR] [--device ...] [--cache DIR] [--config YAML] [--set ...]
+        [--paper-exact]
 
 The validation split is the one training used: :func:`cellmask.training.split.load_split` with the first
 branch's config (``train.val_fraction``, ``train.seed``; grouped by sample); a warning names any
@@ -11,7 +12,9 @@ run whose config gives another split. ``--split all`` scores every annotated ima
 images included: an optimistic figure). Writes ``score.json``, ``val_submission.csv`` (+ its
 ``.predict.yaml``), ``score_per_threshold.png`` and, with ``--ablation``, ``ablation.md``,
 ``ablation.csv``, ``ablation_per_class.png`` and ``ablation_per_threshold.png`` (paper Table 1's
-shape: :func:`~cellmask.evaluate.rows.ablation_rows`).
+shape: :func:`~cellmask.evaluate.rows.ablation_rows`). ``--paper-exact`` scores the paper's
+pipeline as the configured one (:func:`~cellmask.predict.options.load_predict_config`); the
+ablation has a paper-exact row either way.
 """
 
 from __future__ import annotations
@@ -166,7 +169,7 @@ def predictor_and_records(
 ) -> tuple[Any, list]:
     """``(Predictor.from_runs(runs, segmenter, **options), the records of split)``: what
     ``evaluate`` and ``tune`` start from (``options``: ``config``, ``overrides``, ``device``,
-    ``cache``)."""
+    ``cache``, ``paper_exact``)."""
     from cellmask.predict.predictor import Predictor
 
     predictor = Predictor.from_runs(runs, segmenter, **options)
@@ -188,6 +191,7 @@ def evaluate(
     config: str | Path | Mapping[str, Any] | None = None,
     overrides: Sequence[str] | Mapping[str, Any] | None = None,
     progress: bool = True,
+    paper_exact: bool = False,
 ) -> EvaluateResult:
     """Score the ensemble on a Kaggle-layout root's validation split (and, with ``ablation``,
     every variant of paper Table 1).
@@ -199,7 +203,8 @@ def evaluate(
         ablation: score every :func:`~cellmask.evaluate.rows.ablation_rows` variant.
         out: where the files go (``None``: write nothing).
         baseline: a Cascade Mask R-CNN run: the ablation's baseline row (its own masks).
-        device, cache, config, overrides: as :meth:`Predictor.from_runs`.
+        device, cache, config, overrides, paper_exact: as :meth:`Predictor.from_runs`
+            (``paper_exact``: the paper's pipeline is the configured one, ``--paper-exact``).
 
     Returns:
         an :class:`EvaluateResult` (``.report.score``, ``.rows``, ``.summary()``).
@@ -208,7 +213,9 @@ def evaluate(
     from cellmask.predict.runs import load_run_model, resolve_run
 
     options = {"config": config, "overrides": overrides, "device": device, "cache": cache}
-    predictor, records = predictor_and_records(data, runs, segmenter, split, **options)
+    predictor, records = predictor_and_records(
+        data, runs, segmenter, split, paper_exact=paper_exact, **options
+    )
     base = None
     if baseline is not None:
         spec = resolve_run(baseline)

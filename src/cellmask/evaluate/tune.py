@@ -3,6 +3,7 @@
 ::
 
     cellmask tune --data ROOT --runs RUN [RUN ...] --segmenter RUN [--out DIR] [--cache DIR] ...
+        [--paper-exact]
 
 On the validation split (as ``cellmask evaluate``) every image is detected and fused once, and
 the segmenter runs once on every fused box that any grid point could keep; its probabilities
@@ -19,6 +20,13 @@ threshold, thresholds that image depends on).
 The result is re-scored exactly with the real pipeline (float32 probabilities) for both the
 configured and the tuned values, and the gain is printed. ``tuned.predict.yaml`` holds the
 configured ``predict`` section with the tuned values: ``cellmask predict --config`` reads it.
+
+The fused detections the search reuses are fused once per image as configured
+(``predict.tta_fusion`` included) from the raw per-view detections (the detection cache holds
+those, never fused ones), so the search and the exact re-scoring see the configured fusion.
+``--paper-exact`` tunes from the paper's pipeline: its thresholds are the starting point, and
+the tuned file keeps its other values (no vote, no minimum area, TTA fused per model) with the
+tuned thresholds (``paper_exact: false`` there: the thresholds are no longer the paper's).
 """
 
 from __future__ import annotations
@@ -328,6 +336,7 @@ def tune(
     config: str | Path | Mapping[str, Any] | None = None,
     overrides: Sequence[str] | Mapping[str, Any] | None = None,
     progress: bool = True,
+    paper_exact: bool = False,
 ) -> TuneResult:
     """Tune the per-class score thresholds and the mask threshold of the ensemble on the
     validation split of ``data`` (module docstring).
@@ -337,8 +346,9 @@ def tune(
         split: ``"val"`` or ``"all"``.
         out: where ``tuned.predict.yaml``, ``tune.json`` and ``tune.png`` go.
         score_grid, mask_grid: the values tried (the configured ones are always added).
-        device, cache, config, overrides: as :meth:`Predictor.from_runs`; the configured values
-            are the starting point and the reference of the gain.
+        device, cache, config, overrides, paper_exact: as :meth:`Predictor.from_runs`; the
+            configured values (the paper's with ``paper_exact``) are the starting point and the
+            reference of the gain.
 
     Returns:
         a :class:`TuneResult` (``.best``, ``.score``, ``.default_score``, ``.gain``, ``.config``).
@@ -346,7 +356,9 @@ def tune(
     from cellmask.evaluate.run import predictor_and_records
 
     options = {"config": config, "overrides": overrides, "device": device, "cache": cache}
-    predictor, records = predictor_and_records(data, runs, segmenter, split, **options)
+    predictor, records = predictor_and_records(
+        data, runs, segmenter, split, paper_exact=paper_exact, **options
+    )
     return tune_predictor(predictor, records, score_grid, mask_grid, out, progress=progress)
 
 

@@ -31,8 +31,9 @@ from pathlib import Path
 
 from cellmask.demo.plan import BRANCHES
 from cellmask.errors import DataError
-from cellmask.kaggle import api, data, packaging, weights, wheels
+from cellmask.kaggle import api, data, packaging, pushed, weights, wheels
 from cellmask.kaggle.api import KaggleCommandError, KaggleRunner, KaggleSetupError
+from cellmask.kaggle.stamp import build_stamp
 
 
 def default_message(root: Path) -> str:
@@ -45,6 +46,12 @@ def default_message(root: Path) -> str:
     from cellmask import __version__
 
     return f"cellmask {__version__}"
+
+
+RUN_FILES = r"(^|/)(best\.pt|config\.yaml|metrics\.csv|status\.json)$"
+"""What ``make pull-runs`` downloads of each run (``kaggle kernels output --file-pattern``): the
+weights, the resolved config, the curves and whether it finished; not ``last.pt`` (optimizer
+state) nor the epoch checkpoints, about a tenth of the bytes."""
 
 
 def _user(args: argparse.Namespace) -> str:
@@ -75,12 +82,18 @@ def cmd_wheels(args: argparse.Namespace, runner: KaggleRunner) -> int:
     print(
         f"downloading for Python {base['python']}: {', '.join(requirements) or 'nothing'}; building cellmask"
     )
-    commands = wheels.wheel_commands(out, base, requirements, root=args.root)
+    from cellmask.kaggle.stamp import stage_wheel_source
+
+    stamp = build_stamp(args.root)
+    source = args.root / packaging.BUILD_DIR / "wheel-src"
+    commands = wheels.wheel_commands(out, base, requirements, source=source)
+    print(f"cellmask {stamp.version}: built from a copy of the working tree ({source})")
     if args.dry_run:
         import shlex
 
         print("\n".join("$ " + shlex.join(c) for c in commands))
         return 0
+    stage_wheel_source(args.root, stamp, source)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.whl"):  # two versions of one package would both install
         old.unlink()
@@ -99,10 +112,16 @@ def cmd_weights(args: argparse.Namespace, runner: KaggleRunner) -> int:
     if segmenter is None:
         raise DataError(f"no segmenter run under {args.runs_from}; give one with --segmenter (SEGMENTER=...)")
     out = Path(args.out or args.root / packaging.DATASETS_DIR / packaging.WEIGHTS)
-    manifest = weights.collect_weights(branches, segmenter, args.predict_config, out)
+    manifest = weights.collect_weights(
+        branches, segmenter, args.predict_config, out, accept_unfinished=args.accept_unfinished
+    )
     for name, entry in manifest["branches"].items():
-        print(f"branch    {name}: {entry['type']} from {entry['source']} (weight {entry['ensemble_weight']})")
-    print(f"segmenter from {manifest['segmenter']['source']}")
+        status = (entry.get("status") or {}).get("describe", "status unknown")
+        print(
+            f"branch    {name}: {entry['type']} from {entry['source']} (weight {entry['ensemble_weight']}; {status})"
+        )
+    seg_status = (manifest["segmenter"].get("status") or {}).get("describe", "status unknown")
+    print(f"segmenter from {manifest['segmenter']['source']} ({seg_status})")
     print(f"predict config: {manifest['predict_config'] or 'none (the paper defaults)'}")
     print(f"-> {out}")
     return 0
@@ -119,8 +138,15 @@ def cmd_push_datasets(args: argparse.Namespace, runner: KaggleRunner) -> int:
     empty; a dry run previews every dataset's commands anyway, with a note saying what fills it."""
     user = _user(args)
     message = args.message or default_message(args.root)
-    packaging.build_code_dataset(args.root)
+    stamp = build_stamp(args.root)
+    packaging.build_code_dataset(args.root, stamp=stamp)
     names = args.only or packaging.DATASET_NAMES
+    _check_code_pair(args, runner, user, names, stamp.version)
+    wheels_dir = args.root / packaging.DATASETS_DIR / packaging.WHEELS
+    if packaging.WHEELS in names and any(wheels_dir.glob("*.whl")):  # the code pushed is the code run
+        built = wheels.build_own_wheel(args.root, wheels_dir, stamp)
+        runner.note(f"rebuilt {built.name} from the working tree")
+    runner.note(f"cellmask {stamp.version}: the wheel and the code dataset carry this version")
     folders: dict[str, Path] = {}
     empty: dict[str, str] = {}
     for name in names:  # every folder first: a real run uploads nothing while one is empty
@@ -135,11 +161,40 @@ def cmd_push_datasets(args: argparse.Namespace, runner: KaggleRunner) -> int:
             runner.note(f"{empty[name]}; a real run stops here, once it is filled it runs:")
         folder = folders.get(name, args.root / packaging.BUILD_DIR / "datasets" / name)
         dataset_id = packaging.dataset_metadata(name, user, args.root)["id"]
-        api.push_dataset(runner, dataset_id, folder, message)
+        version = api.push_dataset(runner, dataset_id, folder, message)
+        if not runner.dry_run:
+            carries = stamp.version if name in (packaging.WHEELS, packaging.CODE) else None
+            pushed.record_pushed(args.root, dataset_id, version, carries)
+            runner.note(f"{dataset_id}: version {version or '(number not reported)'} is being created")
     runner.note(
-        "make push / make submit wait until Kaggle has processed them (kaggle datasets status: ready)"
+        "make push / push-train / submit wait until Kaggle serves these versions "
+        "(kaggle datasets status --format json: ready, current_version_number)"
     )
     return 0
+
+
+def _check_code_pair(
+    args: argparse.Namespace, runner: KaggleRunner, user: str, names: Sequence[str], version: str
+) -> None:
+    """Pushing one of the wheels and code datasets without the other leaves a kernel with a wheel
+    and configs from different checkouts (the kernels then stop): refuse, unless the other one
+    on Kaggle already carries this version."""
+    pair = (packaging.WHEELS, packaging.CODE)
+    if all(n in names for n in pair) or not any(n in names for n in pair):
+        return
+    other = next(n for n in pair if n not in names)
+    other_id = packaging.dataset_metadata(other, user, args.root)["id"]
+    carried = (pushed.read_pushed(args.root).get(other_id) or {}).get("stamp")
+    if carried == version:
+        return
+    problem = (
+        f"{other_id} on Kaggle carries cellmask {carried or '(unknown: not pushed from here)'}, this push "
+        f'{version}: a kernel attaching both would stop; push both (ONLY="cellmask-wheels cellmask-code")'
+    )
+    if runner.dry_run:
+        runner.note(f"warning: {problem}")
+        return
+    raise DataError(problem)
 
 
 def _push(
@@ -160,7 +215,18 @@ def _push(
     )
     if wait_datasets:
         sources = packaging.read_json(folder / packaging.KERNEL_METADATA).get("dataset_sources", [])
-        api.wait_for_datasets(runner, sources, poll_s=args.poll)
+        record = pushed.read_pushed(args.root)
+        carried = {(record.get(s) or {}).get("stamp") for s in sources} - {None}
+        now = build_stamp(args.root).version
+        if carried and now not in carried:
+            runner.note(
+                f"warning: the checkout is cellmask {now}, the pushed code is {', '.join(sorted(carried))}: "
+                "the kernel runs the pushed code (make push-datasets to push this one)"
+            )
+        versions = pushed.expected_versions(record, list(sources))
+        api.wait_for_datasets(
+            runner, sources, poll_s=args.poll, timeout_s=args.wait_hours * 3600, versions=versions
+        )
     return api.push_kernel(runner, folder, accelerator)
 
 
@@ -181,10 +247,12 @@ def cmd_push_train(args: argparse.Namespace, runner: KaggleRunner) -> int:
             f"BRANCH=<one of {', '.join(BRANCHES)}> [EPOCHS=N] [RESUME_FROM=owner/slug/N]"
         )
     spec = packaging.kernel_spec(notebook, args.branch, root=args.root)
-    spec = packaging.with_run_options(spec, args.epochs, args.resume_from, args.overrides or ())
+    spec = packaging.with_run_options(
+        spec, args.epochs, args.resume_from, args.overrides or (), extend=args.extend
+    )
     if spec.sources:
         runner.note(f"continues {', '.join(spec.sources)}: attached as a kernel source (pinned version)")
-    _push(spec, args, runner, _user(args))
+    _push(spec, args, runner, _user(args), wait_datasets=True)
     return 0
 
 
@@ -194,7 +262,9 @@ def cmd_pull_runs(args: argparse.Namespace, runner: KaggleRunner) -> int:
     for notebook in packaging.list_notebooks(args.root):
         spec = packaging.kernel_spec(notebook, root=args.root)
         if packaging.writes_competition_runs(spec):
-            runner.run(["kernels", "output", f"{user}/{spec.slug}", "-p", str(out)])
+            runner.run(
+                ["kernels", "output", f"{user}/{spec.slug}", "-p", str(out), "--file-pattern", RUN_FILES]
+            )
     runner.note(f"then: make weights (reads {out / 'sartorius'})")
     return 0
 
@@ -255,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cellmask.kaggle", description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="print each kaggle command instead of running it")
     p.add_argument("--root", type=Path, default=Path("."), help="the checkout (default: .)")
+    p.add_argument(
+        "--wait-hours", type=float, default=2.0,
+        help="push/push-train/submit: how long to wait for the datasets' pushed versions (default 2)",
+    )  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("notebooks-clean", help="strip outputs and metadata from notebooks")
     s.add_argument("files", nargs="*", help="default: notebooks/*.ipynb")
@@ -267,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--segmenter", default=None, help="the segmenter run (default: the one under --from)")
     s.add_argument("--predict-config", default=None, help="the tuned predict config (cellmask tune)")
+    s.add_argument(
+        "--accept-unfinished",
+        action="store_true",
+        help="pack runs that did not finish (cut, never continued)",
+    )
     s.add_argument(
         "--from", dest="runs_from", type=Path, default=Path("runs/sartorius"), help="default runs/sartorius"
     )
@@ -283,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--poll", type=float, default=30.0, help="seconds between dataset status checks (default 30)"
     )
-    s = sub.add_parser("push-train", help="push a training notebook as a kernel")
+    s = sub.add_parser("push-train", help="push a training notebook as a kernel, once its datasets are live")
+    s.add_argument(
+        "--poll", type=float, default=30.0, help="seconds between dataset status checks (default 30)"
+    )
     s.add_argument("notebook", help="e.g. 02_finetune_faster_rcnn_swin_t")
     s.add_argument("--branch", default=None, help="01_pretrain_livecell (required there): one branch config")
     s.add_argument("--epochs", type=int, default=None, help="the notebook's EPOCHS (default: the config's)")
@@ -293,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.add_argument(
         "--overrides", nargs="*", default=None, metavar="KEY=VALUE", help="the notebook's OVERRIDES"
+    )
+    s.add_argument(
+        "--extend", action="store_true", help="with --resume-from and --epochs: a longer schedule (EXTEND)"
     )
     s.add_argument("--accelerator", default=None, help=acc_help)
     s = sub.add_parser("pull-runs", help="download the training kernels' outputs (their runs)")

@@ -179,6 +179,7 @@ def with_run_options(
     epochs: int | None = None,
     resume_from: str | None = None,
     overrides: Sequence[str] = (),
+    extend: bool = False,
 ) -> KernelSpec:
     """``spec`` with a training run's options (``make push-train EPOCHS=.. RESUME_FROM=..
     OVERRIDES=..``) as the notebook's ``EPOCHS``, ``OVERRIDES`` and ``RESUME_FROM`` parameters.
@@ -188,9 +189,13 @@ def with_run_options(
     ``last.pt`` included, is mounted, and the notebook continues that run from its next step
     (:func:`cellmask.data.inputs.resume_run`).
 
+    ``extend`` (``EXTEND``) lets a continuation lengthen the run's schedule (``EPOCHS`` above its
+    own); without it, a continuation's ``EPOCHS`` must be the run's (or unset).
+
     Raises:
-        ValueError: ``epochs`` < 1, an override that is not ``KEY.PATH=VALUE``, or a
-            ``resume_from`` that is not ``owner/slug/N``.
+        ValueError: ``epochs`` < 1, an override that is not ``KEY.PATH=VALUE``, a
+            ``resume_from`` that is not ``owner/slug/N``, or ``extend`` without ``resume_from``
+            and ``epochs``.
     """
     from cellmask.config import parse_overrides
     from cellmask.data.inputs import parse_kernel_ref
@@ -212,6 +217,10 @@ def with_run_options(
             )
         params["RESUME_FROM"] = resume_from
         sources.append(resume_from)
+    if extend:
+        if not (resume_from and epochs is not None):
+            raise ValueError("EXTEND lengthens a continued run: give RESUME_FROM and EPOCHS with it")
+        params["EXTEND"] = True
     return replace(spec, parameters=params, sources=tuple(dict.fromkeys(sources)))
 
 
@@ -304,9 +313,14 @@ def stage_dataset(name: str, user: str, root: str | Path = ".", build: str | Pat
     return folder
 
 
-def build_code_dataset(root: str | Path = ".", out: str | Path | None = None) -> Path:
-    """Copy :data:`CODE_PARTS` of the checkout into ``datasets/cellmask-code/`` (caches left out)."""
+def build_code_dataset(root: str | Path = ".", out: str | Path | None = None, stamp: Any = None) -> Path:
+    """Copy :data:`CODE_PARTS` of the checkout into ``datasets/cellmask-code/`` (caches left out),
+    with the checkout's build stamp (:mod:`cellmask.kaggle.stamp`; ``stamp`` or the one of now)
+    in ``cellmask-build.json`` and in its ``__version__``."""
+    from cellmask.kaggle.stamp import build_stamp, write_stamp
+
     root = Path(root)
+    stamp = stamp or build_stamp(root)
     out = Path(out) if out is not None else root / DATASETS_DIR / CODE
     out.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".ipynb_checkpoints")
@@ -320,4 +334,5 @@ def build_code_dataset(root: str | Path = ".", out: str | Path | None = None) ->
             shutil.copy2(src, dst)
         else:
             raise FileNotFoundError(f"{src}: missing from the checkout")
+    write_stamp(out, stamp)
     return out

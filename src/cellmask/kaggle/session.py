@@ -20,7 +20,32 @@ from pathlib import Path
 from typing import Any
 
 from cellmask.data.inputs import CODE_INPUT, default_data_root, find, find_run, not_found, resume_run
+from cellmask.kaggle.views import (  # the notebooks' figures and tables, handed on
+    default_device,
+    detect_records,
+    instance_table,
+    plot_bars,
+    plot_detections,
+    segment_truth_boxes,
+    validation_records,
+)
 from cellmask.paths import KAGGLE_INPUT, KAGGLE_WORKING, on_kaggle
+
+__all__ = [
+    "NotebookPaths",
+    "check_code_version",
+    "default_device",
+    "detect_records",
+    "instance_table",
+    "livecell_init",
+    "notebook_paths",
+    "plot_bars",
+    "plot_detections",
+    "segment_truth_boxes",
+    "stage_config",
+    "train_stage",
+    "validation_records",
+]
 
 
 def checkout_root(start: str | Path | None = None) -> Path | None:
@@ -117,6 +142,7 @@ def livecell_init(
     init: str | Path | None = None,
     from_imagenet: bool = False,
     roots: Sequence[str | Path] = (),
+    accept_unfinished: bool = False,
     input_root: Path = KAGGLE_INPUT,
 ) -> Path | None:
     """The checkpoint a fine-tuning stage of ``branch`` starts from (notebooks 02-05).
@@ -125,10 +151,13 @@ def livecell_init(
     ``best.pt`` of the branch's LIVECell run ``livecell/<branch>`` (notebook 01) under ``roots``
     or any input (:func:`cellmask.data.inputs.find_run`). Without one, the ``paper`` profile
     stops (hours of GPU training from ImageNet weights would not be the paper's model); the
-    other profiles (demo, smoke) go on from the config's backbone (``None``).
+    other profiles (demo, smoke) go on from the config's backbone (``None``). A LIVECell run that
+    did not finish (cut by a session's budget and never continued: its ``status.json``) is refused
+    unless ``accept_unfinished``.
 
     Raises:
         ValueError: both ``init`` and ``from_imagenet``.
+        RuntimeError: the LIVECell run found did not finish (and ``accept_unfinished`` is not set).
         cellmask.data.inputs.InputNotFound: profile ``paper``, no ``init``, ``from_imagenet``
             unset and no LIVECell run (the message says what was looked for and how to fix it).
     """
@@ -140,6 +169,20 @@ def livecell_init(
         return None
     run = find_run("livecell", branch, roots, input_root)
     if run is not None:
+        from cellmask.engine.status import read_status
+
+        try:
+            status = read_status(run)
+        except FileNotFoundError:
+            status = None
+        if status is not None:
+            print(f"LIVECell run {run}: {status.describe()}")
+            if not status.finished and not accept_unfinished:
+                raise RuntimeError(
+                    f"{run}: the LIVECell run of {branch} did not finish ({status.describe()}): continue it "
+                    f"(make push-train NB=01_pretrain_livecell BRANCH={branch} RESUME_FROM=<its last "
+                    "version>), or set ACCEPT_UNFINISHED = True to fine-tune from it anyway"
+                )
         return run / "best.pt"
     if profile not in PRETRAINED_PROFILES:
         return None
@@ -154,10 +197,12 @@ def livecell_init(
     )
 
 
-LIVECELL_RECIPE = ("optimizer", "lr", "weight_decay", "scheduler", "epochs")
-"""The ``train:`` keys the LIVECell stage of a Soft Teacher branch takes from ``base.yaml``: the
-detectors' recipe (AdamW, lr 1e-4, weight decay 1e-2, cosine, 36 epochs), as the header of
-``configs/soft_teacher_resnext101.yaml`` sets them with ``--set``."""
+LIVECELL_RECIPE = ("train", "augment")
+"""The sections the LIVECell stage of a Soft Teacher branch takes whole from ``base.yaml`` (same
+profile): the supervised detectors' recipe, every field of it (AdamW, lr 1e-4, weight decay
+1e-2, cosine, 36 epochs, batch 2, the paper's augmentations). Its own ``train:`` (SGD, lr 1e-3,
+steps after epochs 8 and 11, groups of one labeled + one unlabeled image) is the Soft Teacher
+stage's (paper 5.3; docs/PAPER.md)."""
 
 
 def stage_config(
@@ -167,10 +212,13 @@ def stage_config(
     ``overrides``.
 
     A ``soft_teacher`` config on LIVECell is its plain Faster R-CNN (the paper's stage 1: there
-    are no unlabeled LIVECell images): ``model.type: faster_rcnn``, no ``semi:`` section, and
-    :data:`LIVECELL_RECIPE` from ``base.yaml`` for the same profile. The Soft Teacher stage then
-    starts student and teacher from that run (``init``).
+    are no unlabeled LIVECell images): ``model.type: faster_rcnn``, no ``semi:`` section, and the
+    :data:`LIVECELL_RECIPE` sections of ``base.yaml`` for the same profile, as every supervised
+    branch is pretrained. The Soft Teacher stage then starts student and teacher from that run
+    (``init``).
     """
+    import copy
+
     from cellmask.config import deep_merge, load_config, parse_overrides
 
     cfg = load_config(paths.config(config), profile=profile)
@@ -178,9 +226,12 @@ def stage_config(
         base = load_config(paths.config("base"), profile=profile)
         cfg["model"]["type"] = "faster_rcnn"
         cfg.pop("semi", None)
-        cfg["train"].update({k: base["train"][k] for k in LIVECELL_RECIPE})
+        for section in LIVECELL_RECIPE:
+            cfg[section] = copy.deepcopy(base[section])
+        t = cfg["train"]
         print(
-            f"{config} on LIVECell: its plain Faster R-CNN with the detectors' recipe (the paper's stage 1)"
+            f"{config} on LIVECell: its plain Faster R-CNN with the detectors' recipe (the paper's stage 1: "
+            f"{t['optimizer']}, lr {t['lr']:g}, batch {t['batch_size']}, {t['scheduler']}, {t['epochs']} epochs)"
         )
     return deep_merge(cfg, parse_overrides(overrides)) if overrides else cfg
 
@@ -188,20 +239,47 @@ def stage_config(
 KAGGLE_SESSION_HOURS = 11.5
 """The training budget of one Kaggle GPU session (Kaggle ends a session after 12 hours; the half
 hour left is for the notebook's last cells and for saving the output)."""
-SESSION_START = time.monotonic()
-"""When this module was first imported: in a notebook, within a minute of the session's start."""
+SESSION_RESERVE_MINUTES = 10.0
+"""Room a Kaggle stage keeps before its deadline for the cut epoch's validation and save, until
+the run has measured its own (``train.reserve_minutes``; it grows to the slowest measured)."""
+
+
+def process_start_time() -> float:
+    """When this process started, as ``time.time()`` (from ``/proc``: a notebook's kernel starts
+    with the Kaggle session); the time of this call where ``/proc`` cannot tell."""
+    import os
+
+    try:
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+SESSION_START = process_start_time()
+"""When the session started (``time.time()``): the start of the notebook's kernel process."""
 
 
 def session_budget(
     cfg: Mapping[str, Any], kaggle: bool | None = None, now: float | None = None
-) -> float | None:
-    """``train.max_hours`` for a training stage on Kaggle whose config sets none: what is left of
-    :data:`KAGGLE_SESSION_HOURS` since :data:`SESSION_START` (at least a minute); ``None`` off
-    Kaggle or when the config sets one."""
-    if not (on_kaggle() if kaggle is None else kaggle) or (cfg.get("train") or {}).get("max_hours"):
+) -> dict[str, float] | None:
+    """The budget of a training stage on Kaggle whose config sets none: ``{"deadline": session
+    start + KAGGLE_SESSION_HOURS, "reserve_minutes": SESSION_RESERVE_MINUTES}`` for the ``train``
+    section (the clock runs from the session's start, so loading data, building the model and
+    copying a run to resume are counted); ``None`` off Kaggle or when the config sets
+    ``train.max_hours`` or ``train.deadline``.
+
+    Args:
+        now: ``time.time()`` of the call (tests), to report the hours left.
+    """
+    train = cfg.get("train") or {}
+    if not (on_kaggle() if kaggle is None else kaggle) or train.get("max_hours") or train.get("deadline"):
         return None
-    spent = ((time.monotonic() if now is None else now) - SESSION_START) / 3600.0
-    return max(KAGGLE_SESSION_HOURS - spent, 1 / 60)
+    deadline = SESSION_START + KAGGLE_SESSION_HOURS * 3600.0
+    left = (deadline - (time.time() if now is None else now)) / 3600.0
+    reserve = max(float(train.get("reserve_minutes") or 0.0), SESSION_RESERVE_MINUTES)
+    return {"deadline": deadline, "reserve_minutes": reserve, "hours_left": max(left, 0.0)}
 
 
 def train_stage(
@@ -216,6 +294,8 @@ def train_stage(
     overrides: Sequence[str] = (),
     out_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
+    extend: bool = False,
+    processes: int | None = None,
     input_root: Path = KAGGLE_INPUT,
 ) -> dict[str, Any]:
     """``cellmask train`` of config ``config`` (:func:`stage_config`) on ``dataset`` into
@@ -226,25 +306,37 @@ def train_stage(
             session): a run directory, an earlier kernel version's output folder, or that
             kernel ``owner/slug/N`` attached as a kernel source
             (:func:`cellmask.data.inputs.resume_run`); copied into the run directory and
-            continued from its ``last.pt``, bit-exactly where it stopped.
+            continued from its ``last.pt``, bit-exactly where it stopped. Its config and epochs
+            must be the run's (``epochs=None``: the run's own); a longer schedule needs ``extend``.
+        extend: allow a continuation to lengthen the schedule (``epochs`` above the run's).
+        processes: DDP processes, one per GPU (:func:`cellmask.engine.launch.launch`; ``None``:
+            every visible GPU, 1 on the CPU). ``train.batch_size`` is the total over them when it
+            divides evenly (the paper's 2 on a T4 x2: 1 per GPU).
         input_root: where Kaggle mounts the inputs.
-
-    On Kaggle a config without ``train.max_hours`` gets the rest of the session's
-    :data:`KAGGLE_SESSION_HOURS` (:func:`session_budget`): training stops cleanly after the step
-    that passes it, ``last.pt`` written, and the notebook goes on to the end (the kernel
-    completes; the next version continues with ``RESUME_FROM``).
         the rest: as :func:`cellmask.training.command.run_training` and :func:`cellmask.config.load_config`.
 
+    On Kaggle a config without ``train.max_hours`` / ``train.deadline`` gets the session's
+    deadline (:func:`session_budget`): :data:`KAGGLE_SESSION_HOURS` from the session's start, less
+    room for the last validation and save; training stops cleanly after the step that reaches
+    it, ``last.pt`` written, and the notebook goes on to the end (the kernel completes; the next
+    version continues with ``RESUME_FROM``).
+
     Returns:
-        :func:`~cellmask.training.command.run_training`'s result, plus ``run_dir``.
+        :func:`~cellmask.training.command.run_training`'s result (rank 0's; without the model
+        when several processes trained), plus ``run_dir`` and ``processes``.
     """
-    from cellmask.training.command import run_training
+    from cellmask.engine.launch import launch
 
     cfg = stage_config(paths, config, dataset, profile, overrides)
     budget = session_budget(cfg)
     if budget is not None:
-        cfg["train"]["max_hours"] = budget
-        print(f"train.max_hours {budget:.2f}: the rest of this Kaggle session's {KAGGLE_SESSION_HOURS} h")
+        cfg["train"]["deadline"] = budget["deadline"]
+        cfg["train"]["reserve_minutes"] = budget["reserve_minutes"]
+        print(
+            f"train.deadline: {budget['hours_left']:.2f} h left of this Kaggle session's "
+            f"{KAGGLE_SESSION_HOURS} h (counted from its start), {budget['reserve_minutes']:.0f} min kept "
+            "for the last validation and save"
+        )
     run_dir = Path(out_dir) if out_dir is not None else paths.run(dataset, config)
     resume = False
     if resume_from is not None:
@@ -252,116 +344,65 @@ def train_stage(
         print(f"continuing {previous} (last.pt) in {run_dir}")
         shutil.copytree(previous, run_dir, dirs_exist_ok=True)
         resume = True
-    result = run_training(
-        cfg, paths.data, dataset, run_dir, init=init, resume=resume, epochs=epochs, device=device
-    )
+    processes = default_processes(device) if processes is None else int(processes)
+    if processes > 1:
+        total = int(cfg["train"].get("batch_size") or 1)
+        if total % processes == 0:
+            cfg["train"]["batch_size"] = total // processes
+            print(f"DDP on {processes} processes: train.batch_size {total} in all, {total // processes} each")
+        else:
+            print(f"DDP on {processes} processes: train.batch_size {total} each ({total * processes} in all)")
+    options = {"init": init, "resume": resume, "epochs": epochs, "device": device, "extend": extend}
+    result = launch(_train_rank, processes, cfg, str(paths.data), dataset, str(run_dir), options)
     best = result.get("best")
     summary = f"best {best['metric']} {best['value']:.4f} at epoch {best['epoch']}" if best else "no best"
     print(f"{config} on {dataset} ({profile}): {summary}; run directory {run_dir}")
-    result["run_dir"] = run_dir
+    result.update(run_dir=run_dir, processes=processes)
     return result
 
 
-def validation_records(run_dir: str | Path, data: str | Path) -> list[Any]:
-    """The validation images of a run: the split its own ``config.yaml`` made of ``data``."""
-    import yaml
+def default_processes(device: str | None = None) -> int:
+    """Training processes for ``device``: every visible GPU (both of a T4 x2), 1 on the CPU."""
+    import torch
 
-    from cellmask.training.split import load_split
-
-    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    dataset = (cfg.get("data") or {}).get("dataset", "sartorius")
-    return load_split(cfg, data, dataset)[1]
+    if device == "cpu" or not torch.cuda.is_available():
+        return 1
+    return max(torch.cuda.device_count(), 1)
 
 
-def instance_table(records: Sequence[Any]) -> Any:
-    """A pandas DataFrame with one row per instance: ``image_id``, ``cell_type``, ``area``
-    (pixels), ``box_w``, ``box_h``."""
-    import numpy as np
-    import pandas as pd
+def _train_rank(cfg: dict[str, Any], data: str, dataset: str, run_dir: str, options: dict[str, Any]) -> dict:
+    """One process of :func:`train_stage`: ``run_training``; rank 0 returns what pickles (no model)."""
+    from cellmask.training.command import run_training
 
-    from cellmask.data.rle import rle_area
-
-    rows = []
-    for r in records:
-        boxes = np.asarray(r.boxes, dtype=float).reshape(-1, 4)
-        for i, rle in enumerate(r.rles()):
-            x0, y0, x1, y1 = boxes[i]
-            rows.append((r.image_id, r.cell_type, rle_area(rle, r.height, r.width), x1 - x0, y1 - y0))
-    return pd.DataFrame(rows, columns=["image_id", "cell_type", "area", "box_w", "box_h"])
+    result = run_training(cfg, data, dataset, run_dir, **options)
+    return {k: v for k, v in result.items() if k not in ("model", "init")} | {"init": str(result.get("init"))}
 
 
-def detect_records(checkpoint: str | Path, records: Sequence[Any], device: str | None = None) -> list[dict]:
-    """Raw detections ``{"boxes", "scores", "labels"}`` (numpy) of a detector checkpoint on
-    every record's image."""
-    from cellmask.data.images import read_image
-    from cellmask.predict import detect, load_detector
+def check_code_version(input_root: Path = KAGGLE_INPUT) -> str:
+    """Print (and return) the version of the cellmask this kernel runs; stop when the wheel it
+    installed and the cellmask-code dataset it reads configs from come from different checkouts.
 
-    model, _ = load_detector(checkpoint, device or "cpu")
-    out = []
-    for r in records:
-        boxes, scores, labels = detect(model, read_image(r.path, (r.height, r.width)))
-        out.append({"boxes": boxes.numpy(), "scores": scores.numpy(), "labels": labels.numpy()})
-    return out
+    Both carry a build stamp (:mod:`cellmask.kaggle.stamp`): the wheel in ``cellmask.__version__``
+    (``0.1.0+gabc1234``, ``.dirty.<digest>`` for uncommitted changes), the code dataset in its
+    ``cellmask-build.json``. In a checkout (no code dataset attached) only the version is printed.
 
+    Raises:
+        RuntimeError: the two differ (the message names both and what to push).
+    """
+    import cellmask
+    from cellmask.kaggle.stamp import read_stamp
 
-def plot_detections(
-    records: Sequence[Any], detections: Sequence[Mapping[str, Any]], min_score: float = 0.5
-) -> Any:
-    """One panel per record: truth boxes (green) and detections scoring >= ``min_score`` (red)."""
-    import numpy as np
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    from cellmask.data.images import read_image
-
-    fig = Figure(figsize=(5 * len(records), 4), layout="constrained")
-    for i, (r, det) in enumerate(zip(records, detections, strict=True)):
-        ax = fig.add_subplot(1, len(records), i + 1)
-        ax.imshow(read_image(r.path, (r.height, r.width)), cmap="gray")
-        keep = np.asarray(det["scores"]) >= min_score
-        for boxes, color in ((np.asarray(r.boxes), "lime"), (np.asarray(det["boxes"])[keep], "red")):
-            for x0, y0, x1, y1 in boxes.reshape(-1, 4):
-                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=color, lw=0.8))
-        ax.set_title(f"{r.image_id} ({r.cell_type}): {len(r)} truth, {int(keep.sum())} detected", fontsize=9)
-        ax.set_axis_off()
-    return fig
-
-
-def plot_bars(table: Mapping[str, Mapping[str, float]], ylabel: str, title: str = "") -> Any:
-    """Grouped bars: one group per inner key (e.g. class), one bar per outer key (e.g. model),
-    each labelled with its value (``n/a`` for NaN, e.g. a class without validation images)."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    groups = list(dict.fromkeys(k for row in table.values() for k in row))
-    fig = Figure(figsize=(max(4.0, 1.5 * len(groups) + 2), 3.5), layout="constrained")
-    ax = fig.add_subplot()
-    width = 0.8 / max(1, len(table))
-    for j, (name, row) in enumerate(table.items()):
-        xs = np.arange(len(groups)) + j * width
-        values = [float(row.get(g, np.nan)) for g in groups]
-        bars = ax.bar(xs, np.nan_to_num(values), width=width, label=name)
-        ax.bar_label(bars, labels=["n/a" if np.isnan(v) else f"{v:.2f}" for v in values], fontsize=7)
-    ax.set_xticks(np.arange(len(groups)) + width * (len(table) - 1) / 2, groups)
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return fig
-
-
-def segment_truth_boxes(
-    checkpoint: str | Path, records: Sequence[Any], device: str | None = None
-) -> dict[str, list[str]]:
-    """``{image_id: [rle, ...]}``: the segmenter checkpoint's mask of every truth box of each
-    record (what its validation mIoU measures), for :func:`cellmask.demo.save_comparison`."""
-    from cellmask.data.images import read_image
-    from cellmask.data.rle import rle_encode
-    from cellmask.predict import load_segmenter, segment
-
-    model, _ = load_segmenter(checkpoint, device or "cpu")
-    out = {}
-    for r in records:
-        pasted, _ = segment(model, read_image(r.path, (r.height, r.width)), r.boxes)
-        out[r.image_id] = [rle_encode(pasted.mask(i).numpy()) for i in range(len(pasted))]
-    return out
+    installed = cellmask.__version__
+    code = find(CODE_INPUT, input_root) if input_root.is_dir() else None
+    stamp = read_stamp(code) if code is not None else None
+    if stamp is not None and stamp.get("version") != installed:
+        raise RuntimeError(
+            f"the cellmask wheel installed here is {installed} but the cellmask-code dataset attached "
+            f"({code}) is {stamp.get('version')}: they come from different checkouts, so this kernel "
+            "would train or predict with configs the code was not written for. Run `make push-datasets` "
+            "(it rebuilds and pushes both), then push this kernel again (it waits for the new versions)"
+        )
+    where = f"; code dataset {code} carries the same" if stamp is not None else ""
+    line = f"cellmask {installed}{where}"
+    print(line)
+    return line

@@ -47,11 +47,42 @@ def discover_runs(runs_root: str | Path) -> tuple[list[Path], Path | None]:
     return [r for r in runs if r not in segmenters], (segmenters[0] if segmenters else None)
 
 
-def _copy_run(run: Path, dst: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
+def run_statuses(runs: Sequence[str | Path], accept_unfinished: bool = False) -> dict[str, Any]:
+    """Each run's :class:`~cellmask.engine.status.RunStatus` (``status.json``, or derived from
+    ``config.yaml`` + ``metrics.csv`` for older runs), keyed by the run's path.
+
+    Raises:
+        DataError: a run did not finish (cut by ``max_hours`` and never continued, or fewer epochs
+            than planned) and ``accept_unfinished`` is not set; the message names every such run
+            with its epochs done / planned. A run whose status cannot be told counts as unfinished.
+    """
+    from cellmask.engine.status import read_status
+
+    statuses, unfinished = {}, []
+    for run in runs:
+        try:
+            status = read_status(run)
+        except FileNotFoundError as exc:
+            statuses[str(run)] = None
+            unfinished.append(f"{run} (cannot tell: {exc})")
+            continue
+        statuses[str(run)] = status
+        if not status.finished:
+            unfinished.append(f"{run} ({status.describe()})")
+    if unfinished and not accept_unfinished:
+        raise DataError(
+            "only finished runs ship: " + "; ".join(unfinished) + ". Continue them (make push-train ... "
+            "RESUME_FROM=<owner/slug/N>), or pack them anyway with ACCEPT_UNFINISHED=1 (--accept-unfinished)"
+        )
+    return statuses
+
+
+def _copy_run(run: Path, dst: Path, cfg: Mapping[str, Any], status: Any = None) -> dict[str, Any]:
     dst.mkdir(parents=True)
     for name in ("best.pt", "config.yaml"):
         shutil.copy2(run / name, dst / name)
     return {
+        "status": None if status is None else {**vars(status), "describe": status.describe()},
         "source": str(run),
         "type": cfg["model"]["type"],
         "backbone": (cfg["model"].get("backbone") or {}).get("name"),
@@ -66,6 +97,7 @@ def collect_weights(
     segmenter: str | Path,
     predict_config: str | Path | None = None,
     out: str | Path = Path(DATASETS_DIR) / WEIGHTS,
+    accept_unfinished: bool = False,
 ) -> dict[str, Any]:
     """Fill the weights dataset, laid out as the inference kernel reads it::
 
@@ -82,7 +114,8 @@ def collect_weights(
     Raises:
         FileNotFoundError: a run without ``best.pt``/``config.yaml``, or no predict config file.
         DataError: no branch, a segmenter given as a branch (or the reverse), two branches of
-            the same run name.
+            the same run name, a run that did not finish (unless ``accept_unfinished``:
+            :func:`run_statuses`).
     """
     out = Path(out)
     if not branches:
@@ -99,6 +132,7 @@ def collect_weights(
         raise DataError(f"{segmenter}: is a {seg_cfg['model']['type']} run, given as the segmenter")
     if predict_config is not None and not Path(predict_config).is_file():
         raise FileNotFoundError(f"{predict_config}: no such predict config")
+    statuses = run_statuses([*branches, segmenter], accept_unfinished)
 
     for stale in (out / "branches", out / "segmenter"):
         if stale.exists():
@@ -107,8 +141,8 @@ def collect_weights(
         stale.unlink(missing_ok=True)
     manifest: dict[str, Any] = {"branches": {}, "segmenter": None, "predict_config": None}
     for run, name, cfg in zip(branches, names, cfgs, strict=True):
-        manifest["branches"][name] = _copy_run(Path(run), out / "branches" / name, cfg)
-    manifest["segmenter"] = _copy_run(Path(segmenter), out / "segmenter", seg_cfg)
+        manifest["branches"][name] = _copy_run(Path(run), out / "branches" / name, cfg, statuses[str(run)])
+    manifest["segmenter"] = _copy_run(Path(segmenter), out / "segmenter", seg_cfg, statuses[str(segmenter)])
     if predict_config is not None:
         shutil.copy2(predict_config, out / "predict.yaml")
         manifest["predict_config"] = str(predict_config)

@@ -122,17 +122,61 @@ def pinned(names: Iterable[str], version: Callable[[str], str] | None = None) ->
     return out
 
 
+def own_wheel_command(out: str | Path, source: str | Path) -> list[str]:
+    """``pip wheel`` of cellmask from ``source`` (a staged, stamped copy of the checkout:
+    :func:`cellmask.kaggle.stamp.stage_wheel_source`) into ``out``."""
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--wheel-dir",
+        str(out),
+        str(source),
+    ]
+
+
 def wheel_commands(
-    out: str | Path, base: Mapping[str, Any], requirements: Sequence[str], root: str | Path = "."
+    out: str | Path, base: Mapping[str, Any], requirements: Sequence[str], source: str | Path = "."
 ) -> list[list[str]]:
     """The pip commands of ``make wheels``: download ``requirements`` as binary wheels for
     Kaggle's Python and platform (no dependencies: :func:`missing_distributions` chose them),
-    then build cellmask's own wheel, both into ``out``."""
+    then build cellmask's own wheel from ``source`` (:func:`own_wheel_command`), both into ``out``."""
     pip = [sys.executable, "-m", "pip"]
     download = [*pip, "download", "--no-deps", "--only-binary=:all:", "--implementation", "cp"]
     download += ["--python-version", str(base["python"])]
     for platform in base["platforms"]:
         download += ["--platform", platform]
     download += ["--dest", str(out), *requirements]
-    own = [*pip, "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out), str(root)]
+    own = own_wheel_command(out, source)
     return [download, own] if requirements else [own]
+
+
+def build_own_wheel(
+    root: str | Path, out: str | Path, stamp: Any, run: Callable[..., Any] | None = None
+) -> Path:
+    """Rebuild cellmask's wheel in ``out`` from the working tree at ``root`` with ``stamp``'s
+    version (the old ``cellmask-*.whl`` removed first: two would both be candidates for pip).
+
+    Returns:
+        the new wheel's path.
+
+    Raises:
+        DataError: the build wrote no wheel of ``stamp``'s version.
+    """
+    import subprocess
+
+    from cellmask.kaggle.stamp import stage_wheel_source
+
+    root, out = Path(root), Path(out)
+    source = stage_wheel_source(root, stamp, root / "build" / "kaggle" / "wheel-src")
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("cellmask-*.whl"):
+        old.unlink()
+    (run or subprocess.run)(own_wheel_command(out, source), check=True)
+    built = sorted(out.glob(f"cellmask-{stamp.version}-*.whl"))
+    if not built:
+        raise DataError(f"{out}: pip wheel wrote no cellmask-{stamp.version}-*.whl")
+    return built[0]

@@ -20,7 +20,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
 from cellmask.models.box_coding import Float32BoxCoder
-from cellmask.models.mask_head import mask_loss, roi_mask_targets, rois_to_mask_pixels
+from cellmask.models.mask_head import mask_image_size, mask_loss, roi_mask_targets, rois_to_mask_pixels
 from cellmask.models.matching import ChunkedMatcher, assign_proposals
 
 __all__ = ["CascadeBoxPredictor", "CascadeRoIHeads"]
@@ -273,20 +273,19 @@ class CascadeRoIHeads(nn.Module):
     def _forward_test(
         self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
+        # mmdet's CascadeRoIHead.simple_test: stage k classifies and regresses its own RoIs (stage
+        # 1 the proposals, stage k+1 stage k's refinement of them); the class logits are averaged
+        # over the stages and then softmaxed; the boxes are the last stage's regression.
         rois = [p.float() for p in proposals]
-        for k in range(self.num_stages - 1):
-            _, deltas = self.run_stage(k, features, rois, image_shapes)
-            rois = self.refine_boxes(k, deltas, rois, image_shapes)
-        # all stages' classifiers on the last stage's RoIs; softmax averaged
-        pooled = self.box_roi_pool(features, rois, image_shapes)
-        probs = None
-        deltas = None
+        logit_sum: Tensor | None = None
+        deltas: Tensor | None = None
         for k in range(self.num_stages):
-            logits, deltas = self.box_predictors[k](self.box_heads[k](pooled))
-            p = F.softmax(logits.float(), -1)
-            probs = p if probs is None else probs + p
-        assert probs is not None and deltas is not None
-        probs = probs / self.num_stages
+            if deltas is not None:
+                rois = self.refine_boxes(k - 1, deltas, rois, image_shapes)
+            logits, deltas = self.run_stage(k, features, rois, image_shapes)
+            logit_sum = logits.float() if logit_sum is None else logit_sum + logits.float()
+        assert logit_sum is not None and deltas is not None
+        probs = F.softmax(logit_sum / self.num_stages, -1)
         boxes = self.box_coders[-1].decode_single(deltas, torch.cat(rois))
         result = self.postprocess_detections(probs, boxes, [r.shape[0] for r in rois], image_shapes)
         if self.has_mask():
@@ -342,11 +341,13 @@ class CascadeRoIHeads(nn.Module):
         size: int,
     ) -> Tensor:
         """Float32 ``[sum R_i, size, size]`` soft targets of RoIs (in the resized images' pixels)
-        from windows of their matched truth masks (at any resolution, e.g. the original)."""
+        from windows of their matched truth masks (at any resolution, e.g. the original): each
+        target's ``masks`` a :class:`~cellmask.data.layers.MaskWindows` (the datasets') or a
+        ``[G, H, W]`` stack (:func:`~cellmask.models.mask_head.roi_mask_targets`)."""
         out = []
         for r, idx, shape, t in zip(rois, matched_idxs, image_shapes, targets, strict=True):
             masks = t["masks"]
-            pixel_rois = rois_to_mask_pixels(r, shape, tuple(masks.shape[-2:]))
+            pixel_rois = rois_to_mask_pixels(r, shape, mask_image_size(masks))
             out.append(roi_mask_targets(masks, pixel_rois, idx, size, self.mask_sampling_ratio))
         return torch.cat(out)
 

@@ -14,6 +14,15 @@ LIVECell image never becomes an ``[N, H, W]`` float stack. At inference the prob
 pasted back with :func:`cellmask.models.segmenter.paste_masks`, the inverse map
 (:class:`cellmask.models.transform.CellRCNNTransform`).
 
+The truth masks come as :class:`cellmask.data.layers.MaskWindows` (each truth cropped to its
+own box: what ``DetectionDataset(with_masks=True)`` yields) or, as before, a dense ``[G, H, W]``
+stack (cropped to windows first: one ``nonzero``). They move to the RoIs' device in two copies
+(windows and their boxes); each group's canvas of RoI windows is gathered from the truth
+windows in one indexing operation (the part of a RoI window outside its truth's window is
+zero, as it is in a full-image mask), so the targets are bit for bit those of the full-image
+masks, with one device -> host copy per image (the RoIs' boxes, which size the canvases) and
+none per RoI.
+
 The truth masks stay at the original image's resolution (the transform does not resize them);
 RoIs in the resized image's pixels are mapped back by :func:`rois_to_mask_pixels`.
 
@@ -35,12 +44,14 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 
 from cellmask.data.crops import crop_rois, window_groups
+from cellmask.data.layers import MaskWindows
 from cellmask.models.roi_heads import FPN_LEVELS
 from cellmask.models.sections import section
 
 __all__ = [
     "TARGET_WINDOW_BUDGET",
     "build_mask_branch",
+    "mask_image_size",
     "mask_loss",
     "roi_mask_targets",
     "rois_to_mask_pixels",
@@ -59,54 +70,81 @@ def rois_to_mask_pixels(rois: Tensor, image_shape: tuple[int, int], mask_shape: 
     return rois.float() * rois.new_tensor([sx, sy, sx, sy], dtype=torch.float32)
 
 
+def mask_image_size(masks: MaskWindows | Tensor) -> tuple[int, int]:
+    """``(H, W)`` of truth masks given as :class:`MaskWindows` or a ``[G, H, W]`` stack."""
+    if isinstance(masks, MaskWindows):
+        return masks.image_size
+    return int(masks.shape[-2]), int(masks.shape[-1])
+
+
 def roi_mask_targets(
-    masks: Tensor, rois: Tensor, matched_idxs: Tensor, size: int, sampling_ratio: int
+    masks: MaskWindows | Tensor, rois: Tensor, matched_idxs: Tensor, size: int, sampling_ratio: int
 ) -> Tensor:
     """Soft ``size x size`` targets: truth mask ``matched_idxs[i]`` resampled onto ``rois[i]``.
 
     Args:
-        masks: uint8/bool ``[G, H, W]`` truth masks of one image.
+        masks: the ``G`` truth masks of one image: :class:`MaskWindows` (any device; moved to
+            ``rois``' device) or a uint8/bool ``[G, H, W]`` stack.
         rois: float ``[R, 4]`` xyxy pixel-edge RoIs in the masks' pixels (may leave the image).
-        matched_idxs: int64 ``[R]`` indices into ``masks``.
+        matched_idxs: int64 ``[R]`` indices into the truths (on ``rois``' device).
         size: the target side ``M``.
         sampling_ratio: bilinear samples per target cell side.
 
     Returns:
-        float32 ``[R, M, M]`` in [0, 1] (covered fraction of each cell) on ``masks``' device.
+        float32 ``[R, M, M]`` in [0, 1] (covered fraction of each cell) on ``rois``' device.
     """
-    device = masks.device
+    device = rois.device
     r = rois.shape[0]
     out = torch.zeros((r, size, size), dtype=torch.float32, device=device)
     if r == 0:
         return out
-    height, width = masks.shape[-2:]
-    boxes = rois.detach().float().cpu()
+    truth = masks if isinstance(masks, MaskWindows) else MaskWindows.from_dense(masks)
+    truth = truth.to(device, non_blocking=True)
+    boxes = rois.detach().float().cpu()  # the one device -> host copy: it sizes the canvases
     # the window holds every pixel a bilinear sample of the RoI can touch, plus one of margin
     wx0 = torch.floor(boxes[:, 0] - 0.5).long() - 1
     wy0 = torch.floor(boxes[:, 1] - 0.5).long() - 1
     ww = (torch.floor(boxes[:, 2] - 0.5).long() + 3 - wx0).clamp(min=1)
     wh = (torch.floor(boxes[:, 3] - 0.5).long() + 3 - wy0).clamp(min=1)
-    idx = matched_idxs.tolist()
-    x0s, y0s, ws, hs = wx0.tolist(), wy0.tolist(), ww.tolist(), wh.tolist()
     local = boxes - torch.stack([wx0, wy0, wx0, wy0], 1).float()
+    hs, ws = wh.tolist(), ww.tolist()
+    windows = torch.stack([wx0, wy0, ww, wh], 1).to(device, non_blocking=True)
+    # each truth's window on the device: box, start in the flat data, and a trailing zero that
+    # every canvas pixel outside its truth's window reads
+    matched = matched_idxs.to(device)
+    t_boxes, t_starts = truth.boxes[matched], truth.starts()[matched]
+    data = torch.cat([truth.data, truth.data.new_zeros(1)])
+    outside = len(truth.data)
     for group in window_groups(torch.stack([wh, ww], 1), TARGET_WINDOW_BUDGET):
         members = group.tolist()
-        canvas = torch.zeros(
-            (len(members), 1, max(hs[i] for i in members), max(ws[i] for i in members)),
-            dtype=torch.float32,
-            device=device,
-        )
-        for j, i in enumerate(members):
-            ys, ye = max(y0s[i], 0), min(y0s[i] + hs[i], height)
-            xs, xe = max(x0s[i], 0), min(x0s[i] + ws[i], width)
-            if ye > ys and xe > xs:
-                canvas[j, 0, ys - y0s[i] : ye - y0s[i], xs - x0s[i] : xe - x0s[i]] = masks[
-                    idx[i], ys:ye, xs:xe
-                ]
-        batch_idx = torch.arange(len(members), dtype=torch.float32)[:, None]
+        gh, gw = max(hs[i] for i in members), max(ws[i] for i in members)
+        g = group.to(device)
+        canvas = _gather_canvas(data, outside, windows[g], t_boxes[g], t_starts[g], gh, gw)
+        batch_idx = torch.arange(len(group), dtype=torch.float32)[:, None]
         window_rois = torch.cat([batch_idx, local[group]], 1).to(device)
-        out[group.to(device)] = crop_rois(canvas, window_rois, size, sampling_ratio)[:, 0]
+        out[g] = crop_rois(canvas[:, None], window_rois, size, sampling_ratio)[:, 0]
     return out
+
+
+def _gather_canvas(
+    data: Tensor, outside: int, windows: Tensor, t_boxes: Tensor, t_starts: Tensor, gh: int, gw: int
+) -> Tensor:
+    """float32 ``[n, gh, gw]``: RoI window ``j`` (int64 ``windows[j] = (x0, y0, w, h)`` in image
+    pixels) filled with its truth's pixels (int64 ``t_boxes[j]`` xyxy window starting at
+    ``t_starts[j]`` in ``data``), zero outside its truth's window and beyond ``(h, w)``.
+    ``data[outside]`` is a zero."""
+    rows = torch.arange(gh, device=data.device)
+    cols = torch.arange(gw, device=data.device)
+    x0, y0, w, h = windows.unbind(1)
+    ty = y0[:, None] + rows - t_boxes[:, 1, None]  # [n, gh] rows in the truth's window
+    tx = x0[:, None] + cols - t_boxes[:, 0, None]  # [n, gw]
+    t_h = t_boxes[:, 3] - t_boxes[:, 1]
+    t_w = t_boxes[:, 2] - t_boxes[:, 0]
+    in_y = (ty >= 0) & (ty < t_h[:, None]) & (rows < h[:, None])
+    in_x = (tx >= 0) & (tx < t_w[:, None]) & (cols < w[:, None])
+    pos = t_starts[:, None, None] + ty[:, :, None] * t_w[:, None, None] + tx[:, None, :]
+    pos.masked_fill_(~(in_y[:, :, None] & in_x[:, None, :]), outside)
+    return data[pos].float()
 
 
 def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:

@@ -4,7 +4,8 @@ The pipeline (paper, section 4)::
 
     image uint8 [H, W]
       -> every branch, with horizontal-flip TTA        tta.run_detector        (per branch, in turn)
-      -> Weighted Boxes Fusion, weights from the runs  fusion.fuse_detections  (boxes in [0, 1] only there)
+      -> Weighted Boxes Fusion, weights from the runs  fusion.fuse_branches    (boxes in [0, 1] only there;
+                                                       predict.tta_fusion: views, or per model first)
       -> class vote, per-class score thresholds        pipeline.finish_detections
       -> the segmenter on every kept box               pipeline.segmenter_masks (crop, segment, paste)
       -> re-scoring (option), overlap removal, min area
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from cellmask.predict.cache import DetectionCache, ImageKey
 from cellmask.predict.folder import PredictResult, cli_predict, predict_folder
-from cellmask.predict.fusion import fuse_detections
+from cellmask.predict.fusion import fuse_branches, fuse_detections
 from cellmask.predict.options import (
     PAPER_EXACT,
     PREDICT_DEFAULTS,
@@ -62,6 +63,7 @@ __all__ = [
     "detect",
     "finish_detections",
     "flip_boxes",
+    "fuse_branches",
     "fuse_detections",
     "image_class",
     "load_detector",

@@ -20,6 +20,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,9 +59,11 @@ class DetectionCache:
         self.misses = 0
 
     @staticmethod
-    def branch_key(name: str, fingerprint: str, amp: bool) -> str:
-        """``<name>-<hash>`` of a branch's checkpoint fingerprint and autocast setting."""
-        digest = hashlib.sha1(json.dumps([fingerprint, bool(amp)]).encode()).hexdigest()[:12]
+    def branch_key(name: str, fingerprint: str, amp: Any) -> str:
+        """``<name>-<hash>`` of a branch's checkpoint fingerprint and autocast setting (``False``,
+        or its dtype's name)."""
+        setting = amp if isinstance(amp, bool) else str(amp)
+        digest = hashlib.sha1(json.dumps([fingerprint, setting]).encode()).hexdigest()[:12]
         return f"{_slug(name)}-{digest}"
 
     def _file(self, branch_key: str, image: ImageKey) -> Path:

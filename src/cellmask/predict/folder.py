@@ -4,11 +4,17 @@
 
     cellmask predict --images DIR --runs RUN [RUN ...] --segmenter RUN --out submission.csv \\
         [--device cpu|cuda] [--overlays DIR] [--cache DIR] [--config predict.yaml] [--set predict.x=y]
+        [--paper-exact]
 
 writes ``submission.csv`` (one row per instance, an empty row for an image without any),
 ``submission.predict.yaml`` beside it (the resolved ``predict`` section and the runs used:
-``--config`` reads it back), validates the submission against the folder
-(:func:`~cellmask.submission.check_submission`) and prints a one-screen summary.
+``--config`` reads it back; ``paper_exact`` there says whether it was the paper's pipeline),
+validates the submission against the folder (:func:`~cellmask.submission.check_submission`) and
+prints a one-screen summary.
+
+``--paper-exact`` (``predict``, ``evaluate`` and ``tune``) runs the paper's pipeline, section
+5.3.2, and nothing else (:data:`~cellmask.predict.options.PAPER_EXACT`): it is applied after
+``--config`` and ``--set`` and wins over the config; a ``--set`` contradicting it is an error.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from cellmask.config import add_override_argument
-from cellmask.predict.options import config_path_for, save_predict_config
+from cellmask.predict.options import config_path_for, is_paper_exact, save_predict_config
 
 __all__ = [
     "PredictResult",
@@ -77,13 +83,16 @@ class PredictResult:
             for b in self.runs.get("branches", [])
         )
         seg = self.runs.get("segmenter", {})
+        tta = f"TTA fused {'per model' if opts.get('tta_fusion') == 'per_model' else 'per view'}"
         lines = [
             f"== cellmask predict: {len(self.instances)} images -> {self.submission} "
             f"({'valid' if self.ok else 'INVALID'})",
             f"branches   {branches}",
-            f"fusion     TTA {'on' if opts.get('tta') else 'off'}; WBF iou_thr {wbf.get('iou_thr')}, "
+            f"fusion     {tta if opts.get('tta') else 'TTA off'}; WBF iou_thr {wbf.get('iou_thr')}, "
             f"skip_box_thr {wbf.get('skip_box_thr')}; class vote {'on' if opts.get('class_vote') else 'off'}; "
-            f"re-scoring {'on' if opts.get('rescore') else 'off'}",
+            f"re-scoring {'on' if opts.get('rescore') else 'off'}; min area "
+            f"{'on' if _positive(opts.get('min_area')) else 'off'}"
+            + ("; the paper's pipeline (paper-exact)" if opts and is_paper_exact(opts) else ""),
             f"segmenter  {seg.get('name', '?')} ({Path(str(seg.get('checkpoint', '?'))).name})",
             f"instances  {int(counts.sum())} (per image: min {counts.min()}, median {np.median(counts):g}, "
             f"max {counts.max()}; {int((counts == 0).sum())} image(s) without any)",
@@ -92,6 +101,12 @@ class PredictResult:
         ]
         lines += [f"  problem: {p}" for p in self.problems[:10]]
         return "\n".join(lines)
+
+
+def _positive(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return any(_positive(v) for v in value.values())
+    return value is not None and float(value) > 0
 
 
 def format_timings(timings: Mapping[str, float], total: float, n_images: int) -> str:
@@ -114,6 +129,7 @@ def predict_folder(
     overrides: Sequence[str] | Mapping[str, Any] | None = None,
     predictor: Any = None,
     progress: bool = True,
+    paper_exact: bool = False,
 ) -> PredictResult:
     """Predict every image of a folder and write a checked submission with its config.
 
@@ -128,8 +144,11 @@ def predict_folder(
         config: a predict YAML file or mapping (default: the paper's values).
         overrides: ``["predict.x=y", ...]``.
         predictor: an already built :class:`~cellmask.predict.predictor.Predictor` (then
-            ``runs``, ``segmenter``, ``device``, ``cache``, ``config``, ``overrides`` are unused).
+            ``runs``, ``segmenter``, ``device``, ``cache``, ``config``, ``overrides`` and
+            ``paper_exact`` are unused).
         progress: tqdm bar.
+        paper_exact: the paper's pipeline on top of ``config`` and ``overrides``
+            (``--paper-exact``; :func:`~cellmask.predict.options.load_predict_config`).
 
     Returns:
         a :class:`PredictResult` (``.summary()`` is what the CLI prints).
@@ -148,7 +167,9 @@ def predict_folder(
     if predictor is None:
         if not runs or segmenter is None:
             raise ValueError("predict_folder needs runs and a segmenter run (or a predictor)")
-        predictor = Predictor.from_runs(runs, segmenter, config, overrides, device=device, cache=cache)
+        predictor = Predictor.from_runs(
+            runs, segmenter, config, overrides, device=device, cache=cache, paper_exact=paper_exact
+        )
     predictor.timings.clear()
     counts: dict[str, int] = {}
     rles = predictor.predict_records(records, progress, overlays=overlays, counts=counts)
@@ -170,7 +191,8 @@ def predict_folder(
 
 def add_common_arguments(p: argparse.ArgumentParser, data: bool = False) -> None:
     """The arguments ``predict``, ``evaluate`` and ``tune`` share: ``--runs``, ``--segmenter``,
-    ``--device``, ``--cache``, ``--config``, ``--set`` (with ``data``: also ``--data``, ``--split``)."""
+    ``--device``, ``--cache``, ``--config``, ``--set``, ``--paper-exact`` (with ``data``: also
+    ``--data``, ``--split``)."""
     if data:
         p.add_argument("--data", required=True, metavar="ROOT", help="Kaggle-layout root (train.csv, train/)")
         p.add_argument(
@@ -195,15 +217,25 @@ def add_common_arguments(p: argparse.ArgumentParser, data: bool = False) -> None
         "override a predict option, e.g. --set predict.tta=false (repeatable; YAML values)",
         metavar="predict.KEY=VALUE",
     )
+    p.add_argument(
+        "--paper-exact",
+        action="store_true",
+        help="the paper's pipeline (5.3.2) and nothing else: flip TTA fused per model, WBF 0.6/0.01, "
+        "per-box classes and thresholds 0.25/0.55/0.35, overlap removal; no class vote, minimum "
+        "area or re-scoring. Applied after --config and --set: it replaces the config's values, "
+        "and a --set that contradicts it is an error",
+    )
 
 
 def common_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``device``, ``cache``, ``config``, ``overrides`` of :func:`add_common_arguments`, as keywords."""
+    """``device``, ``cache``, ``config``, ``overrides``, ``paper_exact`` of
+    :func:`add_common_arguments`, as keywords."""
     return {
         "device": args.device,
         "cache": args.cache,
         "config": args.config,
         "overrides": list(args.overrides) or None,
+        "paper_exact": bool(args.paper_exact),
     }
 
 

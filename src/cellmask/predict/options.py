@@ -4,14 +4,22 @@
 same values for users to copy and edit (a test keeps the two equal). :func:`predict_config`
 merges a caller's section over the defaults (nested sections such as ``wbf`` merge key by key)
 and rejects unknown keys, so a typo never passes silently. :func:`load_predict_config` reads a
-YAML file (``cellmask predict --config``) with ``--set predict.x=y`` overrides, and
-:func:`save_predict_config` writes the resolved section (plus what was run) next to every
-submission.
+YAML file (``cellmask predict --config``) with ``--set predict.x=y`` overrides and, with
+``paper_exact``, :data:`PAPER_EXACT` on top (``--paper-exact``: the paper's pipeline, section
+5.3.2, and nothing else), and :func:`save_predict_config` writes the resolved section (plus
+what was run, and whether it is the paper's pipeline) next to every submission.
+
+Precedence, lowest first: the defaults, ``--config``, ``--set``, ``--paper-exact``. The paper's
+values replace what a config file says (a warning names each key replaced); a ``--set`` that
+gives one of them another value is an error, as the two ask for different pipelines.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import logging
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,16 +30,28 @@ from cellmask.predict.postprocess import DEFAULT_MIN_AREA, DEFAULT_SCORE_THRESHO
 
 __all__ = [
     "PAPER_EXACT",
+    "PAPER_WEIGHTS",
     "PREDICT_DEFAULTS",
+    "TTA_FUSIONS",
+    "apply_paper_exact",
     "config_path_for",
+    "is_paper_exact",
     "load_predict_config",
+    "paper_exact_differences",
+    "paper_weight_problems",
     "predict_config",
     "predict_output_config",
     "save_predict_config",
 ]
 
+log = logging.getLogger("cellmask.predict")
+
+TTA_FUSIONS = ("views", "per_model")
+"""How flip TTA enters WBF (``predict.tta_fusion``; :func:`cellmask.predict.fusion.fuse_branches`)."""
+
 PREDICT_DEFAULTS: dict[str, Any] = {
     "tta": True,
+    "tta_fusion": "views",
     "wbf": {"iou_thr": 0.6, "skip_box_thr": 0.01, "conf_type": "avg"},
     "class_vote": True,
     "vote_before_wbf": False,
@@ -47,6 +67,11 @@ PREDICT_DEFAULTS: dict[str, Any] = {
 """Inference options (the ``predict`` section):
 
 - ``tta``: horizontal-flip test-time augmentation of every branch (paper: on);
+- ``tta_fusion``: how the views enter WBF: ``views`` (every (branch, view) pair is one WBF model
+  carrying its branch's weight: 8 entries for 4 branches) or ``per_model`` (each branch's views
+  merged first, then WBF of the branches: the paper's "flip TTA, then WBF of the four models");
+  :mod:`cellmask.predict.fusion` derives where the two differ. ``--paper-exact`` uses
+  ``per_model``; the default stays ``views`` until both are scored on real images;
 - ``wbf``: :func:`ensemble_boxes.weighted_boxes_fusion` arguments (paper: ``iou_thr`` 0.6,
   ``skip_box_thr`` 0.01; ``conf_type`` ``avg``, the library's default);
 - ``class_vote``: every instance of an image gets the image's class by a score-weighted vote
@@ -69,12 +94,36 @@ PREDICT_DEFAULTS: dict[str, Any] = {
   the next branch), ``detector`` images (TTA views included) per detector forward,
   ``segmenter`` crops per segmenter forward (``None``: the segmenter run's own);
 - ``device``: ``cpu``/``cuda`` (``None``: CUDA when available);
-- ``amp``: autocast the forwards (``None``: on with CUDA, off on the CPU).
+- ``amp``: autocast the forwards (``None``: on with CUDA, off on the CPU), each model in the
+  dtype its training used on this GPU (its ``train.amp_dtype``; ``auto``: bfloat16 where the GPU
+  has it, else float16).
 """
 
-PAPER_EXACT: dict[str, Any] = {"class_vote": False, "min_area": 0, "rescore": False, "tta": True}
-"""Overrides that make the pipeline the paper's: every box keeps its own class and threshold,
-no minimum area, no re-scoring, flip TTA."""
+PAPER_EXACT: dict[str, Any] = {
+    "tta": True,
+    "tta_fusion": "per_model",
+    "wbf": {"iou_thr": 0.6, "skip_box_thr": 0.01, "conf_type": "avg"},
+    "class_vote": False,
+    "vote_before_wbf": False,
+    "score_thresholds": dict(DEFAULT_SCORE_THRESHOLDS),
+    "mask_threshold": None,
+    "rescore": False,
+    "min_area": 0,
+}
+"""The paper's pipeline (MDE-CellMask 5.3.2), the values ``--paper-exact`` puts on top: flip TTA
+fused per model, WBF with ``iou_thr`` 0.6 and ``skip_box_thr`` 0.01, every box keeping its own
+class and its class's threshold (shsy5y 0.25, cort 0.55, astro 0.35), the segmenter's own mask
+threshold, overlap removal with no re-scoring and no minimum area. The branches' WBF weights
+come from their runs (:data:`PAPER_WEIGHTS`); ``batch_size``, ``device`` and ``amp`` change
+no result and are left as configured, ``vote_min_score`` has no effect without the vote."""
+
+PAPER_WEIGHTS: dict[str, float] = {
+    "Faster R-CNN Swin-T": 2.0,
+    "Cascade R-CNN ResNeXt-101": 3.0,
+    "Cascade R-CNN ResNeSt-101": 3.0,
+    "Soft Teacher ResNeXt-101": 1.0,
+}
+"""The paper's WBF weight of each branch, by its display name (:attr:`RunSpec.name`)."""
 
 _NESTED = ("wbf", "batch_size")
 _CONF_TYPES = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
@@ -122,6 +171,8 @@ def _validate(opts: Mapping[str, Any]) -> None:
                 raise DataError(
                     f"predict.{key}: unknown class name(s) {bad}; expected some of {list(CLASSES)}"
                 )
+    if opts["tta_fusion"] not in TTA_FUSIONS:
+        raise DataError(f"predict.tta_fusion must be one of {TTA_FUSIONS}, got {opts['tta_fusion']!r}")
     wbf = opts["wbf"]
     if not 0.0 < float(wbf["iou_thr"]) <= 1.0:
         raise DataError(f"predict.wbf.iou_thr must be in (0, 1], got {wbf['iou_thr']}")
@@ -137,6 +188,7 @@ def _validate(opts: Mapping[str, Any]) -> None:
 def load_predict_config(
     config: str | Path | Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | Iterable[str] | None = None,
+    paper_exact: bool = False,
 ) -> dict[str, Any]:
     """The resolved ``predict`` section of a YAML file or a mapping, with overrides.
 
@@ -146,11 +198,15 @@ def load_predict_config(
             is resolved), or a mapping (a ``predict`` section or a config holding one);
             ``None``: the defaults.
         overrides: ``["predict.tta=false", ...]`` (``cellmask ... --set``) or a nested mapping
-            ``{"predict": {...}}``, applied last.
+            ``{"predict": {...}}``, applied after ``config``.
+        paper_exact: apply :data:`PAPER_EXACT` last (``--paper-exact``): its values replace the
+            config's (a warning names the keys replaced); an override contradicting one of them
+            is an error (:func:`apply_paper_exact`).
 
     Raises:
         FileNotFoundError: no such file. DataError: see :func:`predict_config`; an unreadable
-        file, or a malformed override or one outside ``predict.``.
+        file, a malformed override or one outside ``predict.``, or (``paper_exact``) an
+        override that contradicts the paper's pipeline.
     """
     from cellmask.config import load_config, parse_overrides
 
@@ -178,14 +234,126 @@ def load_predict_config(
             except ValueError as exc:
                 raise DataError(str(exc)) from None
         cfg = _merge(cfg, overrides)
-    return predict_config(cfg["predict"])
+    opts = predict_config(cfg["predict"])
+    if not paper_exact:
+        return opts
+    replaced = [k for k in paper_exact_differences(predict_config(section)) if k in section]
+    if replaced:
+        source = config if isinstance(config, str | Path) else "the config"
+        log.warning(
+            "--paper-exact replaces predict.%s of %s with the paper's values", ", ".join(replaced), source
+        )
+    overridden = (overrides or {}).get("predict") if isinstance(overrides, Mapping) else None
+    return apply_paper_exact(opts, overridden if isinstance(overridden, Mapping) else None)
+
+
+def apply_paper_exact(opts: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``opts`` with :data:`PAPER_EXACT` on top: each of its keys replaced whole.
+
+    Args:
+        opts: a ``predict`` section (resolved or partial).
+        overrides: the ``predict`` values a user set explicitly (``--set``); each leaf of it
+            must agree with the paper's pipeline.
+
+    Raises:
+        DataError: an override giving a key :data:`PAPER_EXACT` fixes another value (it names
+            the override and the paper's value).
+    """
+    for path, value in _leaves(overrides or {}):
+        if path[0] not in PAPER_EXACT:
+            continue
+        paper = _at(PAPER_EXACT, path)
+        if not _same(value, paper):
+            dotted = "predict." + ".".join(path)
+            given = json.dumps(value, default=str)
+            raise DataError(
+                f"--set {dotted}={given} contradicts --paper-exact, which fixes {dotted} to "
+                f"{json.dumps(paper)} (the paper's pipeline, section 5.3.2): drop one of the two"
+            )
+    return predict_config({**opts, **copy.deepcopy(PAPER_EXACT)})
+
+
+def paper_exact_differences(opts: Mapping[str, Any]) -> list[str]:
+    """The keys of :data:`PAPER_EXACT` whose value in ``opts`` (a resolved section) gives another
+    pipeline than the paper's (``min_area: 0`` and ``{shsy5y: 0, cort: 0, astro: 0}`` are the
+    same; ``vote_before_wbf`` counts only with the class vote on)."""
+    out = []
+    for key, paper in PAPER_EXACT.items():
+        if key == "vote_before_wbf" and not opts.get("class_vote"):
+            continue
+        if not _same(opts.get(key, _MISSING), paper):
+            out.append(key)
+    return out
+
+
+def is_paper_exact(opts: Mapping[str, Any]) -> bool:
+    """Whether a resolved ``predict`` section is the paper's pipeline (``--paper-exact``, or the
+    same values set by hand); the runs' WBF weights are checked by :func:`paper_weight_problems`."""
+    return not paper_exact_differences(opts)
+
+
+def paper_weight_problems(weights: Mapping[str, float]) -> list[str]:
+    """What makes ``{branch name: WBF weight}`` other than the paper's four branches with their
+    weights 2, 3, 3, 1 (:data:`PAPER_WEIGHTS`); empty when it is exactly that."""
+    out = [
+        f"{name}: WBF weight {w:g}, the paper's is {PAPER_WEIGHTS[name]:g}"
+        for name, w in weights.items()
+        if name in PAPER_WEIGHTS and not math.isclose(float(w), PAPER_WEIGHTS[name])
+    ]
+    out += [f"{name}: not one of the paper's branches" for name in weights if name not in PAPER_WEIGHTS]
+    out += [f"{name}: missing" for name in PAPER_WEIGHTS if name not in weights]
+    return out
+
+
+_MISSING = object()
+
+
+def _leaves(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], Any]]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            yield from _leaves(value, (*prefix, str(key)))
+        else:
+            yield (*prefix, str(key)), value
+
+
+def _at(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """The value at ``path``; a scalar met on the way stands for every key below it (``min_area:
+    0`` is 0 for every class)."""
+    node: Any = tree
+    for part in path:
+        if not isinstance(node, Mapping):
+            break
+        node = node.get(part, _MISSING)
+    return node
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal in effect: numbers within rounding, a scalar equal to every value of a per-class
+    mapping, mappings key by key."""
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        if not isinstance(a, Mapping):
+            a, b = b, a
+        if not isinstance(b, Mapping):
+            return all(_same(v, b) for v in a.values())
+        return all(_same(a.get(k, _MISSING), b.get(k, _MISSING)) for k in set(a) | set(b))
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return a is b or a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
 
 
 def predict_output_config(opts: Mapping[str, Any], runs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``{"predict": opts, "runs": runs}``: what :func:`save_predict_config` writes. ``device`` is
-    written as ``null``: it belongs to the machine, not to the pipeline (a config tuned on a CPU
-    must not pin a Kaggle GPU run to the CPU)."""
-    out: dict[str, Any] = {"predict": {**copy.deepcopy(dict(opts)), "device": None}}
+    """``{"paper_exact": ..., "predict": opts, "runs": runs}``: what :func:`save_predict_config`
+    writes. ``paper_exact`` records whether the options are the paper's pipeline
+    (:func:`is_paper_exact`: ``--paper-exact``, or the same values by hand); it is a record, not
+    an option (``--config`` reads the ``predict`` section only, which holds the same values).
+    ``device`` is written as ``null``: it belongs to the machine, not to the pipeline (a config
+    tuned on a CPU must not pin a Kaggle GPU run to the CPU)."""
+    out: dict[str, Any] = {
+        "paper_exact": is_paper_exact(opts),
+        "predict": {**copy.deepcopy(dict(opts)), "device": None},
+    }
     if runs:
         out["runs"] = copy.deepcopy(dict(runs))
     return out

@@ -226,9 +226,9 @@ class ProbabilityStore:
             if key not in self._probs and key not in new:
                 new[key] = i
         if new:
-            computed = compute(boxes[list(new.values())])
+            computed = compute(boxes[list(new.values())]).to("cpu", self.dtype)  # one copy
             for key, probs in zip(new, computed, strict=True):
-                self._probs[key] = probs.to("cpu", self.dtype)
+                self._probs[key] = probs
         if not keys:
             return torch.zeros((0, 1, 1, 1))
         return torch.stack([self._probs[k] for k in keys]).float()
@@ -240,7 +240,7 @@ def segmenter_masks(
     boxes: np.ndarray,
     threshold: float | None = None,
     batch_size: int | None = None,
-    amp: bool = False,
+    amp: bool | torch.dtype = False,
     store: ProbabilityStore | None = None,
 ) -> MaskFn:
     """A :data:`MaskFn` that segments ``boxes[keep]`` with the segmentation module.
@@ -269,13 +269,19 @@ def segmenter_masks(
         probs = probs_of(sel) if store is None else store.get(sel, probs_of).to(image.device)
         b = torch.as_tensor(sel, device=image.device)
         pasted, conf = paste_masks(probs, b, size, thr, dense=False)
-        return (
-            pasted.offsets.cpu().numpy().astype(np.int64).reshape(-1, 2),
-            [w.cpu().numpy() for w in pasted.windows],
-            conf.cpu().numpy().astype(np.float32),
-        )
+        offsets, windows = _host_windows(pasted)
+        return offsets, windows, conf.cpu().numpy().astype(np.float32)
 
     return masks
+
+
+def _host_windows(pasted: Any) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``(offsets int64 [K, 2], K bool windows)`` of a
+    :class:`~cellmask.models.segmenter.PastedMasks` as NumPy arrays: its offsets and all its
+    windows cross to the host in one copy each (:meth:`PastedMasks.to`), never box by box."""
+    host = pasted.to("cpu")
+    offsets = host.offsets.numpy().astype(np.int64).reshape(-1, 2)
+    return offsets, [w.numpy().astype(bool, copy=False) for w in host.windows]
 
 
 def own_masks(masks: Any, image_size: Sequence[int], threshold: float = 0.5) -> MaskFn:
@@ -289,8 +295,7 @@ def own_masks(masks: Any, image_size: Sequence[int], threshold: float = 0.5) -> 
     The confidence of each mask is the mean probability of its pixels (1 for binary masks).
     """
     if hasattr(masks, "windows") and hasattr(masks, "offsets"):
-        offsets = masks.offsets.cpu().numpy().astype(np.int64).reshape(-1, 2)
-        windows = [w.cpu().numpy().astype(bool) for w in masks.windows]
+        offsets, windows = _host_windows(masks)
 
         def pasted(keep: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
             return offsets[keep], [windows[i] for i in keep], np.ones(len(keep), np.float32)

@@ -9,7 +9,7 @@
 Images are read and detected in chunks of ``batch_size.images``: every branch runs on the
 whole chunk (with its TTA views, ``batch_size.detector`` views per forward) before the next
 branch starts, and the accelerator's cache is emptied between branches; then each image is
-fused (:func:`~cellmask.predict.fusion.fuse_detections`) and finished
+fused (:func:`~cellmask.predict.fusion.fuse_image`, as ``predict.tta_fusion`` says) and finished
 (:func:`~cellmask.predict.pipeline.finish_detections`). Time spent per stage accumulates in
 :attr:`Predictor.timings` (seconds; the summary and ``benchmarks/bench_inference.py`` print it).
 """
@@ -21,7 +21,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +28,20 @@ import numpy as np
 import torch
 
 from cellmask.predict.cache import DetectionCache, ImageKey
-from cellmask.predict.fusion import fuse_detections
-from cellmask.predict.options import load_predict_config, predict_config, predict_output_config
+from cellmask.predict.fusion import fuse_image
+from cellmask.predict.options import (
+    load_predict_config,
+    paper_weight_problems,
+    predict_config,
+    predict_output_config,
+)
 from cellmask.predict.pipeline import (
     Instances,
     ProbabilityStore,
     finish_detections,
     segmenter_masks,
-    vote_entries,
 )
-from cellmask.predict.runs import RunSpec, load_run_model, resolve_run
+from cellmask.predict.runs import Branch, RunSpec, load_branches, load_run_model, resolve_run
 from cellmask.predict.tta import Detections, run_detector, views_for
 
 __all__ = ["Branch", "Predictor", "RawDetections"]
@@ -49,30 +52,8 @@ RawDetections = dict[str, list[Detections]]
 """One image's raw detections: ``{branch name: [detections of each TTA view]}``."""
 
 
-@dataclass
-class Branch:
-    """One detector of the ensemble.
-
-    Attributes:
-        name: display name (unique within a predictor), e.g. ``"Faster R-CNN Swin-T"``.
-        model: the detector (``GeneralizedRCNN`` convention), eval mode.
-        weight: its WBF weight (``ensemble.weight`` of its run's config; paper 2, 3, 3, 1).
-        run: the run it was loaded from (``None`` for an in-memory model: never cached).
-    """
-
-    name: str
-    model: torch.nn.Module
-    weight: float = 1.0
-    run: RunSpec | None = None
-
-
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _unique_names(specs: Sequence[RunSpec]) -> list[str]:
-    names = [s.name for s in specs]
-    return [f"{n} ({s.source.name})" if names.count(n) > 1 else n for n, s in zip(names, specs, strict=True)]
 
 
 class Predictor:
@@ -106,10 +87,16 @@ class Predictor:
         amp = self.options["amp"]
         self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
         self.branches = list(branches)
+        self.segmenter_run = segmenter_run
+        self.amp_dtypes = {b.name: self._autocast(b.run) for b in self.branches}
+        """Each branch's autocast dtype (its training's ``train.amp_dtype`` on this device), or False."""
+        self.segmenter_amp = self._autocast(segmenter_run)
+        from cellmask.engine.amp import tune_backends
+
+        tune_backends(self.device, fixed_size=True)  # a test folder's images share one size
         for b in self.branches:
             b.model.to(self.device).eval()
         self.segmenter = segmenter.to(self.device).eval()
-        self.segmenter_run = segmenter_run
         self.cache = cache if isinstance(cache, DetectionCache) else DetectionCache(cache)
         self.timings: dict[str, float] = defaultdict(float)
 
@@ -123,6 +110,7 @@ class Predictor:
         overrides: Sequence[str] | Mapping[str, Any] | None = None,
         device: str | None = None,
         cache: str | Path | None = None,
+        paper_exact: bool = False,
     ) -> Predictor:
         """Load branches and the segmenter from run directories (or checkpoint files).
 
@@ -134,27 +122,38 @@ class Predictor:
             overrides: ``["predict.tta=false", ...]`` (as ``--set``) applied on top.
             device: ``"cpu"``/``"cuda"``; overrides ``predict.device``.
             cache: detection cache directory.
+            paper_exact: the paper's pipeline on top of ``config`` and ``overrides``
+                (``--paper-exact``: :func:`~cellmask.predict.options.load_predict_config`);
+                a warning names any branch whose WBF weight is not the paper's.
 
         Raises:
             FileNotFoundError, CheckpointError: see :func:`~cellmask.predict.runs.resolve_run`
             and :func:`~cellmask.predict.runs.load_run_model` (one message naming the file).
         """
-        opts = load_predict_config(config, overrides)
+        opts = load_predict_config(config, overrides, paper_exact)
         if device is not None:
             opts = predict_config({**opts, "device": device})
         target = torch.device(opts["device"]) if opts["device"] else _default_device()
         if not runs:
             raise ValueError("give at least one detector run (--runs)")
-        specs = [resolve_run(r) for r in runs]
+        specs = [resolve_run(r) for r in runs]  # every run found before any model is loaded
         seg_spec = resolve_run(segmenter)
-        branches = [
-            Branch(name, load_run_model(spec, "detector", target), spec.weight, spec)
-            for name, spec in zip(_unique_names(specs), specs, strict=True)
-        ]
+        branches = load_branches(specs, target)
         seg_model = load_run_model(seg_spec, "segmenter", target)
-        for b in branches:
-            log.info("branch %s: weight %g, %s (%s)", b.name, b.weight, b.run.checkpoint, b.run.reason)
+        if paper_exact and (problems := paper_weight_problems({b.name: b.weight for b in branches})):
+            log.warning("--paper-exact, but not the paper's four branches: %s", "; ".join(problems))
         return cls(branches, seg_model, opts, segmenter_run=seg_spec, cache=cache)
+
+    def _autocast(self, run: Any) -> torch.dtype | bool:
+        """The dtype inference autocasts ``run``'s model in: the one its training used on this
+        hardware (``train.amp_dtype``, ``auto``: bfloat16 where the GPU has it, else float16);
+        ``False`` when autocast is off (``amp``; always on the CPU)."""
+        from cellmask.engine.amp import amp_dtype
+
+        if not self.amp or self.device.type != "cuda":
+            return False
+        train = (getattr(run, "config", None) or {}).get("train") or {}
+        return amp_dtype(train.get("amp_dtype"), self.device)
 
     def describe_runs(self) -> dict[str, Any]:
         """``{"branches": [...], "segmenter": {...}}``: what each model is and where it came from."""
@@ -217,7 +216,9 @@ class Predictor:
         bs = int(self.options["batch_size"]["detector"] or 1)
         for branch in wanted:
             ckey = (
-                DetectionCache.branch_key(branch.name, branch.run.fingerprint(), self.amp)
+                DetectionCache.branch_key(
+                    branch.name, branch.run.fingerprint(), str(self.amp_dtypes[branch.name])
+                )
                 if branch.run is not None and self.cache.root is not None
                 else None
             )
@@ -230,7 +231,9 @@ class Predictor:
                     out[i][branch.name] = cached
             if todo:
                 with self._timed(f"detect {branch.name}"):
-                    dets = run_detector(branch.model, [images[i] for i in todo], views, bs, self.amp)
+                    dets = run_detector(
+                        branch.model, [images[i] for i in todo], views, bs, self.amp_dtypes[branch.name]
+                    )
                 for i, d in zip(todo, dets, strict=True):
                     out[i][branch.name] = d
                     self.cache.save(ckey, keys[i], views, d)
@@ -246,38 +249,29 @@ class Predictor:
         tta: bool | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> Detections:
-        """WBF of one image's raw detections: each (branch, view) is one WBF model entry carrying
-        the branch's weight (:mod:`cellmask.predict.fusion`).
+        """WBF of one image's raw detections: the views of each branch as ``predict.tta_fusion``
+        says (:func:`~cellmask.predict.fusion.fuse_branches`), each branch with its weight.
 
         Args:
             raw: from :meth:`detect_raw`.
             branches: the branches to fuse (default: all in ``raw``).
             tta: use the flipped views (default: ``predict.tta``); ``False`` uses view 0 only.
             options: resolved predict options (default this predictor's); with ``class_vote``
-                and ``vote_before_wbf`` every entry is relabelled to the image's class first
-                (:func:`~cellmask.predict.pipeline.vote_entries`).
+                and ``vote_before_wbf`` every view of every branch is relabelled to the image's
+                class first (:func:`~cellmask.predict.pipeline.vote_entries`).
         """
         opts = self.options if options is None else options
         tta = bool(opts["tta"]) if tta is None else tta
         n_views = len(views_for(tta))
-        entries, weights = [], []
-        for b in self.branches:
-            if b.name not in raw or (branches is not None and b.name not in branches):
-                continue
-            views = raw[b.name][:n_views]
-            if tta and len(views) < n_views:
+        chosen = [b for b in self.branches if b.name in raw and (branches is None or b.name in branches)]
+        per_branch = [list(raw[b.name][:n_views]) for b in chosen]
+        for b, views in zip(chosen, per_branch, strict=True):
+            if len(views) < n_views:
                 raise ValueError(
                     f"branch {b.name}: TTA fusion asked for but only {len(views)} view(s) detected"
                 )
-            entries.extend(views)
-            weights.extend([b.weight] * len(views))
-        if opts["class_vote"] and opts["vote_before_wbf"]:
-            entries = vote_entries(entries, float(opts["vote_min_score"]))
-        wbf = opts["wbf"]
         with self._timed("wbf"):
-            return fuse_detections(
-                entries, weights, image_size, wbf["iou_thr"], wbf["skip_box_thr"], wbf["conf_type"]
-            )
+            return fuse_image(per_branch, [b.weight for b in chosen], image_size, opts)
 
     def finish(
         self,
@@ -302,7 +296,7 @@ class Predictor:
             dets.boxes,
             opts["mask_threshold"],
             opts["batch_size"]["segmenter"],
-            self.amp,
+            self.segmenter_amp,
             store,
         )
 

@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,9 @@ from cellmask.data.classes import CLASSES
 
 __all__ = [
     "MODEL_NAMES",
+    "Branch",
     "RunSpec",
+    "load_branches",
     "load_detector",
     "load_run_model",
     "load_segmenter",
@@ -286,3 +288,41 @@ def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tupl
     """``(segmenter in eval mode on device, its run's config)`` from a run directory or checkpoint
     (:func:`resolve_run`, :func:`load_run_model`; errors name the file)."""
     return _load(path, "segmenter", device)
+
+
+@dataclass
+class Branch:
+    """One detector of the ensemble.
+
+    Attributes:
+        name: display name (unique within a predictor), e.g. ``"Faster R-CNN Swin-T"``.
+        model: the detector (``GeneralizedRCNN`` convention), eval mode.
+        weight: its WBF weight (``ensemble.weight`` of its run's config; paper 2, 3, 3, 1).
+        run: the run it was loaded from (``None`` for an in-memory model: never cached).
+    """
+
+    name: str
+    model: torch.nn.Module
+    weight: float = 1.0
+    run: RunSpec | None = None
+
+
+def load_branches(runs: Sequence[RunSpec | str | Path], device: str | torch.device = "cpu") -> list[Branch]:
+    """One :class:`Branch` per detector run (a :class:`RunSpec`, directory or checkpoint), in
+    order: name, kind and WBF weight from its config; two runs of one model get the run folder in
+    their names.
+
+    Raises:
+        ValueError: no run. FileNotFoundError, CheckpointError: see :func:`resolve_run` and
+        :func:`load_run_model`.
+    """
+    if not runs:
+        raise ValueError("give at least one detector run (--runs)")
+    specs = [r if isinstance(r, RunSpec) else resolve_run(r) for r in runs]
+    names = [s.name for s in specs]
+    out = []
+    for name, spec in zip(names, specs, strict=True):
+        unique = f"{name} ({spec.source.name})" if names.count(name) > 1 else name
+        out.append(Branch(unique, load_run_model(spec, "detector", device), spec.weight, spec))
+        log.info("branch %s: weight %g, %s (%s)", unique, spec.weight, spec.checkpoint, spec.reason)
+    return out

@@ -95,7 +95,7 @@ def run_detector(
     images: Sequence[torch.Tensor],
     views: Sequence[str] = VIEWS[:1],
     batch_size: int = 1,
-    amp: bool = False,
+    amp: bool | torch.dtype = False,
 ) -> list[list[Detections]]:
     """One branch on ``images`` x ``views``, ``batch_size`` (image, view) pairs per forward.
 
@@ -104,7 +104,9 @@ def run_detector(
             the call and restored).
         images: float32 ``[3, H, W]`` tensors in 0..1 on the model's device (sizes may differ).
         views: names from :data:`VIEWS`.
-        amp: autocast the forward (CUDA float16; boxes come back as float32, contract 9).
+        amp: autocast the forward on CUDA: in this dtype (the one the branch trained in on this
+            GPU: :func:`cellmask.engine.amp.amp_dtype`), or ``True`` for torch's default; boxes
+            come back as float32 (contract 9).
 
     Returns:
         ``out[i][v]``: the detections of image ``i`` in view ``v``, boxes un-flipped into the
@@ -119,7 +121,8 @@ def run_detector(
             chunk = pairs[start : start + max(1, int(batch_size))]
             inputs = [_view(images[i], v) for i, v in chunk]
             device_type = inputs[0].device.type
-            with torch.autocast(device_type, enabled=amp and device_type == "cuda"):
+            dtype = amp if isinstance(amp, torch.dtype) else None
+            with torch.autocast(device_type, dtype=dtype, enabled=bool(amp) and device_type == "cuda"):
                 results = model(inputs)
             for (i, v), res in zip(chunk, results, strict=True):
                 boxes = res["boxes"].detach().float().cpu().numpy().reshape(-1, 4)

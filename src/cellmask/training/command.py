@@ -71,6 +71,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="initialise weights from a checkpoint (class layers re-initialised if the class count differs)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument(
+        "--extend",
+        action="store_true",
+        help="with --resume and --epochs above the run's: a longer schedule (the lr schedule is recomputed)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="total epochs (overrides train.epochs)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     add_override_argument(
@@ -89,6 +94,7 @@ def cli_train(args: argparse.Namespace) -> int:
         init=args.init,
         resume=args.resume,
         epochs=args.epochs,
+        extend=args.extend,
         device=args.device,
     )
     if result.get("is_main", True):
@@ -112,6 +118,7 @@ def run_training(
     resume: bool = False,
     epochs: int | None = None,
     device: str | None = None,
+    extend: bool = False,
 ) -> dict[str, Any]:
     """Read the data, build datasets, loaders and the model from ``cfg``, and :func:`~cellmask.engine.fit`.
 
@@ -120,11 +127,15 @@ def run_training(
     Returns :func:`~cellmask.engine.fit`'s result plus ``is_main`` (rank 0) and ``classes``.
     """
     from cellmask.data.inputs import default_data_root
-    from cellmask.engine import cleanup_distributed, fit, init_distributed
+    from cellmask.engine import check_continuation, cleanup_distributed, fit, init_distributed
+    from cellmask.engine.status import saved_epochs
 
     data_root = Path(data_root) if data_root is not None else default_data_root()
     if resume and not (Path(out_dir) / "last.pt").is_file():  # fail before reading any data
         raise FileNotFoundError(f"{Path(out_dir) / 'last.pt'}: no such checkpoint to resume from")
+    if resume:  # the run's own epochs unless given; a continuation that changes the run fails here
+        epochs = epochs if epochs is not None else saved_epochs(out_dir)
+        check_continuation(out_dir, cfg, epochs, extend)
     if init is not None and not resume and not Path(init).is_file():
         raise FileNotFoundError(f"{init}: no such checkpoint (--init)")
     info = init_distributed(device)
@@ -162,6 +173,7 @@ def run_training(
             init=init,
             epochs=epochs,
             device=info.device,
+            extend=extend,
         )
         result.update(is_main=info.is_main, classes=classes)
         return result

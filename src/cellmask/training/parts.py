@@ -128,11 +128,14 @@ def segmenter_parts(
 
     val_fn = None
     if val_records:
-        amp = bool(tcfg["amp"])
+        from cellmask.engine.amp import amp_dtype
+
+        amp_on, dtype_name = bool(tcfg["amp"]), tcfg["amp_dtype"]
         max_images = get(cfg, "val.max_images")
         records = list(val_records)[: int(max_images) if max_images else None]
 
         def val_fn(m, epoch, info):
+            amp = amp_dtype(dtype_name, info.device) if amp_on else False  # training's own dtype
             mine = evaluate_segmenter(m, shard(records, info), info.device, amp=amp)
             return merge_means(gather_objects(mine, info), SEGMENTER_VAL_WEIGHTS)
 

@@ -5,9 +5,11 @@
 
 - the model: :class:`~cellmask.models.soft_teacher.SoftTeacher` built by ``build_detector``
   with the run's ``semi:`` section;
-- the loader: groups of labeled images (the ``augment:`` pipeline) and unlabeled weak/strong
-  views (``semi:``) from ``<data root>/train_semi_supervised/`` (:mod:`cellmask.data.semi`),
-  sharded and re-seeded per epoch by ``cellmask.engine.build_train_loader``;
+- the loader: groups of labeled images and unlabeled weak/strong views (``semi:``) from
+  ``<data root>/train_semi_supervised/`` (:mod:`cellmask.data.semi`), sharded and re-seeded per
+  epoch by ``cellmask.engine.build_train_loader``. Labeled images take ``semi.labeled`` ([22]'s
+  labeled pipeline: resize on the canvas, flip, colour; the paper profile) or, where it is
+  null, the supervised detectors' ``augment:`` pipeline (the cpu/demo/smoke profiles);
 - ``val_fn(model, epoch, info)``: COCO box AP of the **teacher** on this rank's share of the
   validation images, gathered over the ranks (every rank returns the same ``AP``, ``AP50``,
   ``AP75``; ``best.pt`` follows ``val_AP``). Rank 0 also writes
@@ -33,6 +35,7 @@ SEMI_KEYS = (
     "ratio",
     "epoch_length",
     "crop",
+    "labeled",
     "weak",
     "strong",
     "ema",
@@ -51,6 +54,17 @@ def _check_semi(semi: Mapping[str, Any]) -> None:
         raise ValueError(f"semi: unknown key(s) {unknown}; expected {sorted(SEMI_KEYS)}")
 
 
+def _warn_multiscale(cfg: Mapping[str, Any]) -> None:
+    """[22]'s ``rand_resize`` scales content relative to one test scale: a ``model.transform``
+    that draws its own training size (a list of ``min_size``) adds a second scale on top."""
+    if isinstance(get(cfg, "model.transform.min_size"), list | tuple):
+        log.warning(
+            "semi.labeled/weak/strong rand_resize assumes one model.transform size; "
+            "model.transform.min_size %s also draws a training scale per image",
+            get(cfg, "model.transform.min_size"),
+        )
+
+
 def soft_teacher_parts(
     cfg: dict[str, Any], train_records: list, val_records: list, num_classes: int, info: Any
 ) -> tuple[Any, Any, Any]:
@@ -64,7 +78,14 @@ def soft_teacher_parts(
     from torch.utils.data import Subset
 
     from cellmask.data.datasets import DetectionDataset, ImageSource, collate
-    from cellmask.data.semi import SemiDataset, TwoViewDataset, collate_semi, load_unlabeled, semi_data_config
+    from cellmask.data.semi import (
+        SemiDataset,
+        TwoViewDataset,
+        build_labeled_transforms,
+        collate_semi,
+        load_unlabeled,
+        semi_data_config,
+    )
     from cellmask.data.transforms import build_transforms
     from cellmask.engine import build_eval_loader, build_train_loader, seed_everything, shard
     from cellmask.models import build_detector
@@ -77,7 +98,13 @@ def soft_teacher_parts(
     unlabeled = load_unlabeled(cfg["data"]["root"], data["unlabeled_dir"])
     augment = cfg.get("augment") or {}
     cache = bool(get(cfg, "train.image_cache", False))
-    labeled_set = DetectionDataset(train_records, build_transforms(augment, train=True), image_cache=cache)
+    if data["labeled"] is None:
+        labeled_transforms = build_transforms(augment, train=True)
+    else:
+        labeled_transforms = build_labeled_transforms(data["labeled"])
+    if any((data[v] or {}).get("rand_resize") is not None for v in ("labeled", "weak", "strong")):
+        _warn_multiscale(cfg)
+    labeled_set = DetectionDataset(train_records, labeled_transforms, image_cache=cache)
     views = TwoViewDataset(unlabeled, data["weak"], data["strong"], image_cache=cache, crop=data["crop"])
     train_set = SemiDataset(labeled_set, views, data["ratio"], data["epoch_length"])
     train_loader = build_train_loader(train_set, cfg, collate_semi, info)
@@ -89,7 +116,7 @@ def soft_teacher_parts(
     seed_everything(int(get(cfg, "train.seed", 0)))  # the model's initialisation is reproducible
     model = build_detector({**cfg["model"], "semi": semi}, num_classes=num_classes)
 
-    amp, amp_dtype = bool(get(cfg, "train.amp", False)), str(get(cfg, "train.amp_dtype", "float16"))
+    amp, amp_dtype = bool(get(cfg, "train.amp", False)), str(get(cfg, "train.amp_dtype", "auto"))
     out_dir = get(cfg, "run.out_dir")
     n_figure = int((semi.get("figure") or {}).get("images", 4))
     figure_source = ImageSource(unlabeled[:n_figure], image_cache=True)

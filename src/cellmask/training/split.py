@@ -1,11 +1,20 @@
 """The data a training run sees: LIVECell's splits, or the competition's images split into
-train / val / held-out folds (grouped by sample, stratified by cell type, seeded)."""
+train / val / held-out folds (grouped by sample, stratified by cell type, seeded).
+
+LIVECell's val split (570 images) may be cut to a fixed subset (``val.max_images``,
+:func:`validation_subset`): the same images every epoch and every run of a seed. The
+competition's folds are never cut here.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from cellmask.config import get
 
@@ -51,11 +60,54 @@ def competition_split(cfg: dict[str, Any], data_root: str | Path):
     )
 
 
+def validation_subset(records: Sequence[Any], max_images: int | None, seed: int) -> list:
+    """A fixed subset of ``max_images`` of ``records``, stratified by cell type, in their order.
+
+    Each cell type (``record.cell_type``) keeps its share of the records, to within one image
+    (systematic sampling over a seeded shuffle of each type), so the subset's AP weighs the
+    types as the whole split does. The draw depends only on ``seed`` and the records' ``image_id``
+    and ``cell_type`` (not on their order): every epoch and every run of a seed validates on the
+    same images.
+
+    Args:
+        records: objects with ``image_id`` and ``cell_type`` (``ImageRecord``s).
+        max_images: subset size; ``None`` or 0: every record.
+        seed: the draw's seed (``train.seed``).
+
+    Returns:
+        ``min(max_images, len(records))`` records (a new list), in the order of ``records``.
+
+    Raises:
+        ValueError: ``max_images`` is negative.
+    """
+    if max_images is not None and int(max_images) < 0:
+        raise ValueError(f"val.max_images must be >= 0 or null (0 and null: all images), got {max_images}")
+    if not max_images or int(max_images) >= len(records):
+        return list(records)
+    rng = np.random.default_rng(seed)
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for i in sorted(range(len(records)), key=lambda i: str(records[i].image_id)):
+        by_type[str(records[i].cell_type)].append(i)
+    # a record's key: its rank in its type's shuffle, as a fraction of the type, plus one random
+    # offset per type; the smallest keys take each type's share of the subset, +-1
+    keys = np.empty(len(records))
+    for cell_type in sorted(by_type):
+        members = np.asarray(by_type[cell_type])
+        ranks = np.empty(len(members))
+        ranks[rng.permutation(len(members))] = np.arange(len(members))
+        keys[members] = (ranks + rng.random()) / len(members)
+    chosen = np.sort(np.argsort(keys, kind="stable")[: int(max_images)])
+    return [records[i] for i in chosen]
+
+
 def load_split(
     cfg: dict[str, Any], data_root: str | Path, dataset: str
 ) -> tuple[list, list, tuple[str, ...]]:
     """``(train records, val records, class names)`` of ``dataset`` under ``data_root``; the
     competition's held-out images (``train.holdout_fraction``) are in neither.
+
+    LIVECell's val records are the :func:`validation_subset` of ``val.max_images`` (null or 0:
+    all) seeded by ``train.seed``, as logged; the competition's val fold is never cut.
 
     Raises:
         FileNotFoundError: a file of the layout is missing (the reader names it).
@@ -69,7 +121,18 @@ def load_split(
     if dataset == "livecell":
         layout = CompetitionLayout(Path(data_root))
         train = read_livecell(layout.livecell_root, ("train", "test"))
-        val = read_livecell(layout.livecell_root, ("val",))
+        every_val = read_livecell(layout.livecell_root, ("val",))
+        max_images, seed = get(cfg, "val.max_images"), int(get(cfg, "train.seed", 0))
+        val = validation_subset(every_val, max_images, seed=seed)
+        log.info(
+            "livecell: validating on %d of %d val images (val.max_images=%s%s)",
+            len(val),
+            len(every_val),
+            max_images,
+            f", a subset stratified by cell type, seeded by train.seed={seed}"
+            if len(val) < len(every_val)
+            else "",
+        )
         classes: tuple[str, ...] = LIVECELL_CLASSES
     elif dataset == "sartorius":
         train, val, _ = competition_split(cfg, data_root)

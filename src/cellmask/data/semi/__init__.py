@@ -2,24 +2,35 @@
 
 Views
 -----
-Each unlabeled image gives two views built from the *original* image:
+Each unlabeled image gives two views built from the *original* image, each one warp by a 3x3
+matrix ``A`` (float64) mapping pixel-edge coordinates ``(x, y, 1)`` of the original image to
+those of the view (contract 8: a pixel ``i`` spans ``[i, i + 1]``). Every view keeps the image's
+canvas size ``H x W``: the detector's own transform resizes every input to ``model.transform``'s
+size, so a scale must move content *within* the canvas to change the scale the detector sees.
+Teacher boxes in the weak view map onto the strong view with ``A_strong @ inv(A_weak)``
+(:func:`relative_matrix`, :func:`transform_boxes`) as the box of their four mapped corners:
+exact for flips, scales and shifts; around a rotation or a shear the box of the rotated/sheared
+box, as [22]'s ``Transform2D.transform_bboxes`` maps them.
 
-- a **weak** view for the teacher: flips and a scale (<= 1) about the image centre. The
-  teacher's view is whole: the image shrinks inside its canvas, never zooms past it, because a
-  cell the teacher cannot see is a negative at full weight for the student wherever the strong
-  view shows it, and a cell the canvas cuts becomes a truncated pseudo-box
-  (:func:`semi_data_config` rejects a weak view that would cut the image);
-- a **strong** view for the student: flips, scale jitter and a shift (a crop or a pad of the
-  scaled content), then brightness/contrast, Gaussian blur (the ``cellmask.data.transforms``
-  ops, same keys as ``augment:``) and cutout (1-5 square patches filled with ``fill``).
+The teacher's (weak) view is always whole: the image may shrink inside its canvas, never zoom
+past it, because a cell the teacher cannot see is a negative at full weight for the student
+wherever the strong view shows it, and a cell the canvas cuts becomes a truncated pseudo-box
+(:func:`semi_data_config` rejects a weak view that could cut the image).
 
-Every view keeps the image's canvas size ``H x W`` (the detector's own transform resizes every
-input to ``model.transform.min_size``, so a scale jitter must move content *within* the canvas to
-have any effect). The geometry of a view is one 3x3 matrix ``A`` (float64) mapping pixel-edge
-coordinates ``(x, y, 1)`` of the original image to those of the view (contract 8: a pixel
-``i`` spans ``[i, i + 1]``). Teacher boxes in the weak view map onto the strong view with
-``A_strong @ inv(A_weak)`` (:func:`relative_matrix`, :func:`transform_boxes`); flips, scales
-and shifts keep boxes axis-aligned, so the mapping is exact.
+Two sets of views (``semi.weak`` / ``semi.strong``, :func:`semi_data_config`):
+
+- **[22]'s default pipelines** (the paper profile, :data:`DEFAULT_SEMI_DATA`;
+  :mod:`cellmask.data.semi.pipelines`): ``rand_resize`` (``RandResize`` of
+  ``configs/soft_teacher/base.py``, as a content scale relative to the test scale) and a
+  horizontal flip for both views; the strong view adds, in a random order, one of nine colour
+  ops (:mod:`cellmask.data.semi.randaug`) and one of translate/rotate/shear, then 1-4 erased
+  patches (``RandErase``); uncovered canvas and patches take [22]'s fill 125. Labeled images
+  get [22]'s labeled pipeline (resize, flip, colour: ``semi.labeled``,
+  :func:`build_labeled_transforms`);
+- **the smaller set** (cpu/demo/smoke, :data:`COMPACT_VIEWS`): flips, a scale (<= 1 for the
+  weak view) and a shift about the image centre, brightness/contrast, Gaussian blur (the
+  ``cellmask.data.transforms`` ops, same keys as ``augment:``) and square cutout; labeled
+  images take the supervised detectors' ``augment:`` (``labeled: null``).
 
 Batches
 -------
@@ -37,23 +48,43 @@ Config (``semi:`` section; keys and defaults in :data:`DEFAULT_SEMI_DATA`)::
       epoch_length: null        # groups per epoch (null: one pass over the longer stream)
       crop: null                # [H, W]: both views of an unlabeled image come from one random
                                 # window of it at native resolution (as augment.crop for labeled)
-      weak: {hflip: 0.5, vflip: 0.5, scale: [0.8, 1.0], shift: 0.0, fill: 0}   # whole image
-      strong:
+      labeled:                  # null: the augment: section; else [22]'s labeled pipeline
         hflip: 0.5
-        vflip: 0.5
-        scale: [0.8, 1.2]       # factor drawn uniformly from this range
-        shift: 0.1              # translation drawn from [-shift, shift] x (W, H)
-        fill: 0                 # gray value of uncovered canvas and of cutout patches
-        brightness_contrast: {p: 0.8, brightness: 0.3, contrast: 0.3}
-        gaussian_blur: {p: 0.5, kernel: 5, sigma: [0.1, 2.0]}
-        erase: {p: 0.7, count: [1, 5], size: [0.05, 0.2]}   # square side: fraction of min(H, W)
+        vflip: 0.0
+        rand_resize: {img_scale: [[1333, 400], [1333, 1200]], test_scale: [1333, 800]}
+        color: {ops: [identity, autocontrast, ...], magnitude: [1, 9]}
+        fill: 125
+      weak:
+        hflip: 0.5
+        vflip: 0.0
+        scale: null             # [lo, hi] (or r: [1 - r, 1 + r]) without rand_resize
+        shift: 0.0              # translation drawn from [-shift, shift] x (W, H), without rand_resize
+        rand_resize: {img_scale: ..., test_scale: ...}   # null: scale/shift above
+        max_scale: 1.0          # a drawn scale above this is clamped to it
+        fill: 125               # gray value of uncovered canvas
+      strong:
+        hflip, vflip, scale, shift, rand_resize, fill: as weak
+        color: {ops: [...], magnitude: [1, 9]}
+        geometric: {ops: [translate_x, translate_y, rotate, shear], translate: [-0.1, 0.1],
+                    rotate: [-30, 30], shear: [-30, 30]}
+        brightness_contrast: null   # {p, brightness, contrast} (augment:'s op)
+        gaussian_blur: null         # {p, kernel, sigma} (augment:'s op)
+        erase: {p: 1.0, count: [1, 4], size: [0.0, 0.2], shape: image}   # count inclusive
 
 Every random draw comes from torch's RNG (reproducible under ``torch.manual_seed`` and the
 engine's per-epoch loader seeding).
 """
 
-from cellmask.data.semi.config import DEFAULT_SEMI_DATA, semi_data_config
+from cellmask.data.semi.config import COMPACT_VIEWS, DEFAULT_SEMI_DATA, semi_data_config
 from cellmask.data.semi.datasets import SemiDataset, TwoViewDataset, collate_semi, load_unlabeled
+from cellmask.data.semi.pipelines import (
+    CanvasResize,
+    ViewDraw,
+    build_labeled_transforms,
+    draw_view,
+    render_view,
+)
+from cellmask.data.semi.randaug import ColorOneOf
 from cellmask.data.semi.views import (
     erase_patches,
     relative_matrix,
@@ -64,13 +95,20 @@ from cellmask.data.semi.views import (
 )
 
 __all__ = [
+    "COMPACT_VIEWS",
     "DEFAULT_SEMI_DATA",
+    "CanvasResize",
+    "ColorOneOf",
     "SemiDataset",
     "TwoViewDataset",
+    "ViewDraw",
+    "build_labeled_transforms",
     "collate_semi",
+    "draw_view",
     "erase_patches",
     "load_unlabeled",
     "relative_matrix",
+    "render_view",
     "sample_view",
     "semi_data_config",
     "transform_boxes",

@@ -16,7 +16,8 @@ from cellmask.data.augment import Crop
 from cellmask.data.datasets import UnlabeledDataset, image_to_tensor
 from cellmask.data.records import ImageRecord
 from cellmask.data.semi.config import semi_data_config
-from cellmask.data.semi.views import erase_patches, sample_view, warp_image
+from cellmask.data.semi.pipelines import draw_view, render_view
+from cellmask.data.semi.views import erase_patches
 from cellmask.data.transforms import build_transforms
 from cellmask.errors import DataError
 
@@ -59,6 +60,11 @@ class TwoViewDataset(UnlabeledDataset):
     original is a random ``crop`` window of the image (``H x W`` then its size), drawn once for
     both views.
 
+    A view is drawn by :func:`~cellmask.data.semi.pipelines.draw_view` and rendered by one warp
+    (:func:`~cellmask.data.semi.pipelines.render_view`: with [22]'s colour op before or after it);
+    the strong view then takes the ``brightness_contrast``/``gaussian_blur`` ops (where set) and
+    cutout (``erase``: ``shape: image`` on the resized image's frame, ``square`` on the canvas).
+
     Args:
         records: unlabeled records (:func:`load_unlabeled`).
         weak, strong: the ``semi.weak`` / ``semi.strong`` sections (merged over the defaults
@@ -95,21 +101,21 @@ class TwoViewDataset(UnlabeledDataset):
         if self.crop is not None:  # one window: both views (and their matrices) are of it
             image = self.crop.image(torch.from_numpy(image)[None], self.crop.draw())[0].numpy()
         height, width = image.shape[:2]
-        weak_m = sample_view(self.weak, height, width)
-        strong_m = sample_view(self.strong, height, width)
-        weak = warp_image(image, weak_m, self.weak.get("fill", 0))
-        strong = tv_tensors.Image(
-            torch.from_numpy(warp_image(image, strong_m, self.strong.get("fill", 0)))[None]
-        )
+        weak_draw = draw_view(self.weak, height, width)
+        strong_draw = draw_view(self.strong, height, width)
+        weak = render_view(image, weak_draw, self.weak.get("fill", 0))
+        fill = self.strong.get("fill", 0)
+        strong = tv_tensors.Image(torch.from_numpy(render_view(image, strong_draw, fill))[None])
         strong = self.photometric(strong).as_subclass(torch.Tensor)
         erase = self.strong.get("erase")
         if erase and float(torch.rand(())) < float(erase.get("p", 1.0)):
-            strong = erase_patches(strong, erase["count"], erase["size"], self.strong.get("fill", 0))
+            shape = erase.get("shape", "square")
+            strong = erase_patches(strong, erase["count"], erase["size"], fill, shape, strong_draw.frame)
         return {
             "weak": image_to_tensor(weak),
             "strong": image_to_tensor(strong),
-            "weak_matrix": torch.from_numpy(weak_m),
-            "strong_matrix": torch.from_numpy(strong_m),
+            "weak_matrix": torch.from_numpy(weak_draw.matrix),
+            "strong_matrix": torch.from_numpy(strong_draw.matrix),
             "index": int(index),
         }
 

@@ -1,12 +1,14 @@
-"""Datasets: status (``ready``, processing, missing: told from "could not ask"), waiting until
-ready, and versioning or creating one."""
+"""Datasets: status (``ready``, processing, missing: told from "could not ask") and current
+version number, waiting until the version a push created is the one Kaggle serves, and
+versioning or creating one."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from cellmask.kaggle.api.errors import KaggleCommandError
@@ -81,6 +83,51 @@ def dataset_status(runner: KaggleRunner, dataset_id: str) -> str:
     return DATASET_READY if runner.dry_run else _read_dataset_status(dataset_id, proc)
 
 
+def parse_status_json(output: str) -> tuple[str, int | None]:
+    """``(status, current version number)`` from what ``kaggle datasets status ID --format json``
+    printed: its last line that is a JSON object with a ``status`` (kaggle 2.2.5 prints
+    ``{"status": "ready", "current_version_number": 3}``; warnings may come first).
+
+    Raises:
+        KaggleCommandError: no such line, or an unknown status.
+    """
+    for line in reversed(output.splitlines()):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and "status" in data:
+            status = parse_dataset_status(str(data["status"]))
+            number = data.get("current_version_number")
+            return status, int(number) if number is not None else None
+    raise KaggleCommandError(f"could not read a dataset status from: {output.strip()[:300]!r}")
+
+
+def dataset_version_status(runner: KaggleRunner, dataset_id: str) -> tuple[str, int | None]:
+    """``(status, current version number)`` of ``dataset_id`` (``kaggle datasets status ID --format
+    json``, kaggle >= 2.2.5). The number is ``None`` when the CLI cannot tell it (an older CLI
+    without ``--format``: its plain status is asked then) and in dry-run mode (status ``ready``).
+
+    Raises:
+        KaggleCommandError: Kaggle could not be asked (the message says why).
+    """
+    proc = runner.run(["datasets", "status", dataset_id, "--format", "json"], check=False, echo=False)
+    if runner.dry_run:
+        return DATASET_READY, None
+    output = f"{proc.stdout or ''}\n{proc.stderr or ''}"
+    if proc.returncode != 0 and "unrecognized arguments" in output:  # kaggle < 2.2.5
+        return dataset_status(runner, dataset_id), None
+    if proc.returncode == 0:
+        try:
+            return parse_status_json(proc.stdout or "")
+        except KaggleCommandError:
+            pass  # a plain status (an older CLI that ignores --format), or what it says is wrong
+    return _read_dataset_status(dataset_id, proc), None
+
+
 def dataset_exists(runner: KaggleRunner, dataset_id: str) -> bool | None:
     """Whether ``dataset_id`` exists on Kaggle (``kaggle datasets status``); ``None`` in dry-run mode.
 
@@ -103,37 +150,51 @@ def wait_for_dataset(
     poll_s: float = 30.0,
     timeout_s: float = 2 * 3600.0,
     sleep: Callable[[float], None] = time.sleep,
+    version: int | None = None,
 ) -> str:
-    """Poll ``kaggle datasets status DATASET_ID`` until Kaggle has processed its latest version
-    (a kernel pushed before that mounts the previous version).
+    """Poll ``kaggle datasets status DATASET_ID --format json`` until Kaggle serves the version a
+    kernel should mount: ``version`` (the one a push created: :func:`push_dataset`) or a newer
+    one, processed (``ready``); without ``version``, the newest one, processed. A kernel pushed
+    before then mounts the previous version.
 
     Returns:
         ``"ready"`` (at once in dry-run mode, after printing the command once).
 
     Raises:
         KaggleCommandError: the dataset does not exist, its processing failed, Kaggle could not
-            be asked, or ``timeout_s`` passed.
+            be asked, or ``timeout_s`` passed (the message says which version was expected and
+            which one Kaggle serves).
     """
     if runner.dry_run:
-        runner.run(["datasets", "status", dataset_id], check=False, echo=False)
-        runner.note(f"(repeated every {poll_s:g} s until the status is ready)")
+        runner.run(["datasets", "status", dataset_id, "--format", "json"], check=False, echo=False)
+        until = f"the current version is {version} or newer and" if version else "the newest version is"
+        runner.note(f"(repeated every {poll_s:g} s until {until} ready)")
         return DATASET_READY
     waited = 0.0
     while True:
-        status = dataset_status(runner, dataset_id)
+        status, current = dataset_version_status(runner, dataset_id)
         if status == DATASET_MISSING:
             raise KaggleCommandError(f"{dataset_id} does not exist on Kaggle; run `make push-datasets` first")
-        runner.note(f"{dataset_id}: {status} ({waited / 60:.0f} min)")
-        if status == DATASET_READY:
-            return status
+        serving = f"version {current}" if current is not None else "its latest version"
+        runner.note(f"{dataset_id}: {serving} {status} ({waited / 60:.0f} min)")
         if status in DATASET_FAILED:
             raise KaggleCommandError(
                 f"{dataset_id}: its latest version is {status}; see https://www.kaggle.com/datasets/{dataset_id} "
                 "and push it again (make push-datasets)"
             )
+        behind = version is not None and current is not None and current < version
+        if status == DATASET_READY and not behind:
+            if version is not None and current is None:
+                runner.note(
+                    f"{dataset_id}: this CLI does not report version numbers; ready taken as version {version}"
+                )
+            return status
         if waited >= timeout_s:
+            wanted = f"version {version}" if version is not None else "its newest version"
             raise KaggleCommandError(
-                f"{dataset_id} still {status} after {timeout_s / 60:.0f} min; stopped waiting"
+                f"{dataset_id}: Kaggle still serves {serving} ({status}) after {timeout_s / 60:.0f} min, "
+                f"not {wanted} (the one pushed); stopped waiting: push again once "
+                f"https://www.kaggle.com/datasets/{dataset_id} shows it"
             )
         sleep(poll_s)
         waited += poll_s
@@ -145,11 +206,14 @@ def wait_for_datasets(
     poll_s: float = 30.0,
     timeout_s: float = 2 * 3600.0,
     sleep: Callable[[float], None] = time.sleep,
+    versions: Mapping[str, int] | None = None,
 ) -> None:
     """:func:`wait_for_dataset` for each of ``dataset_ids`` in turn (e.g. a kernel's
-    ``dataset_sources``): one status call each when they are ready already."""
+    ``dataset_sources``), each until ``versions[id]`` when given: one status call each when they
+    are live already."""
     for dataset_id in dataset_ids:
-        wait_for_dataset(runner, dataset_id, poll_s=poll_s, timeout_s=timeout_s, sleep=sleep)
+        version = (versions or {}).get(dataset_id)
+        wait_for_dataset(runner, dataset_id, poll_s=poll_s, timeout_s=timeout_s, sleep=sleep, version=version)
 
 
 def _run_dataset_upload(runner: KaggleRunner, args: list[str]) -> None:
@@ -166,19 +230,28 @@ def _run_dataset_upload(runner: KaggleRunner, args: list[str]) -> None:
         runner.note(f"warning: `kaggle {shlex.join(args)}` did not say a version is being created")
 
 
-def push_dataset(runner: KaggleRunner, dataset_id: str, folder: str | Path, message: str) -> None:
+def push_dataset(runner: KaggleRunner, dataset_id: str, folder: str | Path, message: str) -> int | None:
     """A new version of ``dataset_id`` from ``folder`` (``kaggle datasets version -p FOLDER -r zip
     -m MESSAGE``), or ``kaggle datasets create -p FOLDER -r zip`` when Kaggle says it does not exist.
+
+    Returns:
+        the number the new version will have (the current one + 1; 1 for a new dataset), or
+        ``None`` when it cannot be told (dry run; a CLI that reports no version numbers).
 
     Raises:
         KaggleCommandError: Kaggle could not be asked whether it exists (nothing is uploaded
             then), or the upload failed or printed one of :data:`DATASET_ERRORS`.
     """
-    exists = dataset_exists(runner, dataset_id)
     version = ["datasets", "version", "-p", str(folder), "-r", "zip", "-m", message]
     create = ["datasets", "create", "-p", str(folder), "-r", "zip"]
-    if exists is None:  # dry run: both, the choice is made by the status above
+    if runner.dry_run:  # both, the choice is made by the status
+        runner.run(["datasets", "status", dataset_id, "--format", "json"], check=False, echo=False)
         runner.run(version)
         runner.note(f"(or, when {dataset_id} does not exist yet: {shlex.join([runner.executable, *create])})")
-    else:
-        _run_dataset_upload(runner, version if exists else create)
+        return None
+    status, current = dataset_version_status(runner, dataset_id)
+    exists = status != DATASET_MISSING
+    _run_dataset_upload(runner, version if exists else create)
+    if not exists:
+        return 1
+    return current + 1 if current is not None else None

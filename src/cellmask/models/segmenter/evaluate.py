@@ -37,7 +37,7 @@ def evaluate_segmenter(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     max_images: int | None = None,
-    amp: bool = False,
+    amp: Any = False,
 ) -> dict[str, float]:
     """Mean mask IoU given the truth boxes: each instance's mask is predicted from its tight box
     (:meth:`~cellmask.models.segmenter.Segmenter.predict`), pasted, and compared with its truth mask.
@@ -46,7 +46,7 @@ def evaluate_segmenter(
         model: a :class:`~cellmask.models.segmenter.Segmenter` (moved to ``device`` if given).
         records: annotated image records; the first ``max_images`` (all if None) are evaluated.
         batch_size: crops per forward pass (default: the model's).
-        amp: autocast the forward on CUDA.
+        amp: autocast the forward on CUDA (``True``, or the dtype: :meth:`predict_probs`).
 
     Returns:
         ``{"mIoU": mean over instances, "mIoU_image": mean over images of the per-image mean,

@@ -180,14 +180,19 @@ class Segmenter(nn.Module):
 
     @torch.no_grad()
     def predict_probs(
-        self, images: torch.Tensor, rois: torch.Tensor, batch_size: int | None = None, amp: bool = False
+        self,
+        images: torch.Tensor,
+        rois: torch.Tensor,
+        batch_size: int | None = None,
+        amp: bool | torch.dtype = False,
     ) -> torch.Tensor:
         """float32 probabilities ``[K, 1, S, S]`` of rois ``[K, 5]`` (batch index + xyxy box) of
         ``images`` float ``[B, C, H, W]``.
 
         Crops and forwards ``batch_size`` rois at a time (``ceil(K / batch_size)`` forward calls),
-        in eval mode (restored afterwards). ``amp`` autocasts the forward on CUDA; an autocast
-        the caller opened applies to the forward too. Either way the probabilities come back as
+        in eval mode (restored afterwards). ``amp`` autocasts the forward on CUDA (a dtype: in it,
+        as :func:`cellmask.engine.amp.amp_dtype` chooses for the GPU; ``True``: torch's default);
+        an autocast the caller opened applies to the forward too. Either way the probabilities come back as
         float32 (sigmoid of the float32 logits).
         """
         bs = int(batch_size or self.batch_size)
@@ -201,8 +206,9 @@ class Segmenter(nn.Module):
             for start in range(0, len(rois), bs):
                 chunk = rois[start : start + bs]
                 crops = crop_rois(images, chunk, self.crop_size, self.sampling_ratio)
-                use_amp = amp and device.type == "cuda"
-                with torch.autocast(device.type) if use_amp else contextlib.nullcontext():
+                use_amp = bool(amp) and device.type == "cuda"
+                dtype = amp if isinstance(amp, torch.dtype) else None
+                with torch.autocast(device.type, dtype=dtype) if use_amp else contextlib.nullcontext():
                     logits = self(crops)
                 out[start : start + len(chunk)] = torch.sigmoid(logits.float())
             return out
@@ -217,7 +223,7 @@ class Segmenter(nn.Module):
         batch_size: int | None = None,
         threshold: float | None = None,
         dense: bool = True,
-        amp: bool = False,
+        amp: bool | torch.dtype = False,
     ) -> tuple[Any, Any]:
         """Masks of ``boxes`` in ``image``: crop, segment (batched), paste, threshold.
 
