@@ -381,3 +381,21 @@ def test_mask_windows_hold_each_mask_in_its_tight_box(real_records, augment_only
     (_, (target,)) = next(iter(loader))
     assert isinstance(target["masks"], MaskWindows) and len(target["masks"]) == len(target["boxes"])
     assert target["masks"].data.numel() < H * W  # 496 cells in less than one image (dense: 496)
+
+
+def test_augment_by_type_gives_astrocytes_larger_windows(real_records):
+    """augment.by_type: each cell type's images get their own pipeline (the cpu profile: astro
+    images train on 384x384 windows, the others on 256x256)."""
+    from cellmask.data.transforms import build_transforms, build_type_transforms
+
+    augment = {"crop": [256, 256], "hflip": 0.0, "vflip": 0.0, "shift_scale_rotate": None,
+               "brightness_contrast": None, "gaussian_blur": None, "median_blur": None,
+               "by_type": {"astro": {"crop": [384, 384]}}}  # fmt: skip
+    typed = build_type_transforms(augment, train=True)
+    assert set(typed) == {"astro"}
+    dataset = DetectionDataset(real_records, build_transforms(augment, train=True), type_transforms=typed)
+    sizes = {r.cell_type: tuple(dataset[i][0].shape[-2:]) for i, r in enumerate(real_records)}
+    assert sizes == {"astro": (384, 384), "cort": (256, 256), "shsy5y": (256, 256)}
+    assert build_type_transforms({"crop": [256, 256]}, train=True) == {}
+    with pytest.raises(ValueError, match="by_type must map cell types"):
+        build_type_transforms({"by_type": {"astro": 3}}, train=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from cellmask.engine.loop import WallClockBudget
 from cellmask.engine.status import RunStatus, config_differences, resume_problems, run_status
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _data():
@@ -174,3 +176,19 @@ def test_balanced_sampler_gives_each_type_its_share():
     assert sorted(list(halves[0]) + list(halves[1])) == sorted(first)  # two replicas share one draw
     with pytest.raises(ValueError, match="type_balance must be in"):
         BalancedSampler(groups, 1.5)
+
+
+def test_the_detectors_and_segmenters_loaders_balance_the_types(real_records):
+    """train.type_balance reaches the datasets the detectors and the segmenter train on."""
+    from cellmask.config import load_config
+    from cellmask.data.crops import CropDataset
+    from cellmask.data.datasets import DetectionDataset
+    from cellmask.engine.loaders import BalancedSampler, build_train_loader
+
+    crops = load_config(ROOT / "configs" / "segmenter_upernet_swin_t.yaml", "smoke")["crops"]
+    records = real_records[:4]  # shsy5y, astro, cort, cort
+    for dataset in (DetectionDataset(records), CropDataset(records, crops, size=32, sampling_ratio=1)):
+        assert dataset.item_groups() == [r.cell_type for r in records]
+        loader = build_train_loader(dataset, tiny_cfg(type_balance=1.0))
+        assert isinstance(loader.sampler.sampler, BalancedSampler)
+        assert not isinstance(build_train_loader(dataset, tiny_cfg()).sampler.sampler, BalancedSampler)

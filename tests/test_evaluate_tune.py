@@ -196,9 +196,9 @@ def test_evaluate_ablation_rows_files_and_consistency_with_predict(runs, real_ro
         "rescore": False,
         "paper_exact": True,
     }
-    per_model = next(r for r in result.rows if r.row.name == "ensemble + TTA fused per model")
-    assert configured[0].settings["tta_fusion"] == "views" and per_model.settings["tta_fusion"] == "per_model"
-    assert per_model.settings["class_vote"] == configured[0].settings["class_vote"]  # only the fusion differs
+    views = next(r for r in result.rows if r.row.name == "ensemble + TTA, every view its own WBF entry")
+    assert configured[0].settings["tta_fusion"] == "per_model" and views.settings["tta_fusion"] == "views"
+    assert views.settings["class_vote"] == configured[0].settings["class_vote"]  # only the fusion differs
     for name in (
         "ablation.md",
         "ablation.csv",
@@ -292,17 +292,22 @@ EXACT_ROW = "ensemble + TTA, paper-exact (5.3.2)"
 def test_ablation_rows_name_the_paper_exact_row_and_both_tta_readings():
     from cellmask.predict.options import PAPER_EXACT
 
-    rows = ablation_rows(BRANCHES, PREDICT_DEFAULTS)
+    rows = ablation_rows(BRANCHES, PREDICT_DEFAULTS)  # the default fuses TTA per model
     by_name = {r.name: r for r in rows}
+    views_row = "ensemble + TTA, every view its own WBF entry"
     assert [r.name for r in rows if r.configured] == ["ensemble + TTA"]
-    assert by_name["ensemble + TTA"].options == {"tta_fusion": "views"}
-    assert by_name["ensemble + TTA fused per model"].options == {"tta_fusion": "per_model"}
+    assert settings_of(by_name["ensemble + TTA"], PREDICT_DEFAULTS, 3)["tta_fusion"] == "per_model"
+    assert by_name[views_row].options == {"tta_fusion": "views"}
     assert dict(by_name[EXACT_ROW].options) == PAPER_EXACT
     flagged = [r.name for r in rows if settings_of(r, PREDICT_DEFAULTS, 3)["paper_exact"]]
     assert flagged == [EXACT_ROW]
     names = [r.name for r in rows]
-    assert names.index("ensemble + TTA fused per model") == names.index("ensemble + TTA") + 1
+    assert names.index(views_row) == names.index("ensemble + TTA") + 1
     assert {"paper-exact + class vote", "paper-exact + min area"} <= set(names)
+    # configured per view, the other reading is the per-model one
+    per_view = {**PREDICT_DEFAULTS, "tta_fusion": "views"}
+    other = {r.name: r for r in ablation_rows(BRANCHES, per_view)}["ensemble + TTA fused per model"]
+    assert other.options == {"tta_fusion": "per_model"}
 
     # --paper-exact: the paper's pipeline is the configured row, under its own name (the per-model
     # row would be the same pipeline and is dropped); the 8-entry reading of it stays beside it
@@ -310,7 +315,7 @@ def test_ablation_rows_name_the_paper_exact_row_and_both_tta_readings():
     rows = ablation_rows(BRANCHES, exact)
     assert [r.name for r in rows if r.configured] == [EXACT_ROW]
     assert "ensemble + TTA fused per model" not in [r.name for r in rows]
-    views = next(r for r in rows if r.name == "ensemble + TTA")
+    views = next(r for r in rows if r.name == "ensemble + TTA, every view its own WBF entry")
     assert settings_of(views, exact, 3)["tta_fusion"] == "views"
     assert not settings_of(views, exact, 3)["paper_exact"]
 

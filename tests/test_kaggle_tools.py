@@ -490,3 +490,19 @@ def test_download_data_refuses_an_archive_without_the_layout(tmp_path):
     archive.write_bytes(b"not a zip")
     with pytest.raises(DataError, match="not a readable zip"):
         data.unpack(archive, tmp_path / "d")
+
+
+def test_collect_weights_carries_the_image_type_classifier_a_predict_config_names(tmp_path):
+    from cellmask.predict.options import load_predict_config
+
+    det = _run(tmp_path / "runs" / "faster_rcnn_swin_t", "faster_rcnn")
+    seg = _run(tmp_path / "runs" / "segmenter", "segmenter")
+    _run(tmp_path / "demo" / "image_type", "image_type", payload=b"typer")
+    tuned = tmp_path / "demo" / "predict.yaml"
+    tuned.write_text("predict: {type_classifier: image_type, min_area: 4}\n")  # relative to the file
+    out = tmp_path / "weights"
+    manifest = weights.collect_weights([det], seg, tuned, out)
+    assert (out / "type_classifier" / "best.pt").read_bytes() == b"typer"
+    assert manifest["type_classifier"]["type"] == "image_type"
+    opts = load_predict_config(out / "predict.yaml")  # what the offline kernel reads
+    assert Path(opts["type_classifier"]) == (out / "type_classifier").resolve() and opts["min_area"] == 4

@@ -51,8 +51,8 @@ def test_paper_exact_values_and_what_differs_from_the_defaults():
     assert exact["score_thresholds"] == {"shsy5y": 0.25, "cort": 0.55, "astro": 0.35}
     assert exact["wbf"] == {"iou_thr": 0.6, "skip_box_thr": 0.01, "conf_type": "avg"}
     assert is_paper_exact(exact) and not is_paper_exact(PREDICT_DEFAULTS)
-    # the defaults add the class vote and minimum areas, and fuse TTA per view
-    assert paper_exact_differences(PREDICT_DEFAULTS) == ["tta_fusion", "class_vote", "min_area"]
+    # the defaults add the class vote and minimum areas (TTA is fused per model in both)
+    assert paper_exact_differences(PREDICT_DEFAULTS) == ["class_vote", "min_area"]
     # equal in effect counts as equal: per-class zeros, the vote's settings without the vote
     same = {**exact, "min_area": dict.fromkeys(DEFAULT_MIN_AREA, 0), "vote_before_wbf": True}
     assert is_paper_exact(same)

@@ -59,3 +59,16 @@ def test_a_smoke_run_cut_after_every_step_and_continued_equals_one_run(real_root
         )
     losses = [r["loss"] for r in read_rows_csv(whole["run_dir"] / "steps.csv")]
     assert [r["loss"] for r in read_rows_csv(previous / "steps.csv")] == losses
+
+    # the mistake: a continuation with EPOCHS at or below the epochs done trains nothing;
+    # it stops before reading any data, with one message saying so (the run is left as it was)
+    from cellmask.engine import ResumeError
+
+    before = (previous / "last.pt").read_bytes()
+    paths = NotebookPaths(data=real_root, out=tmp_path / "again", configs=CONFIGS)
+    with pytest.raises(ResumeError, match=r"epochs 1 but last\.pt has 2 of 2 epochs done: .* trains nothing"):
+        train_stage(
+            paths, STAGE, "sartorius", profile="smoke", epochs=1, device="cpu",
+            overrides=["train.progress=false", "train.val_every=5"], resume_from=previous,
+        )  # fmt: skip
+    assert (previous / "last.pt").read_bytes() == before

@@ -138,6 +138,9 @@ class DetectionDataset(Dataset):
             LIVECell's SH-SY5Y as class 1); a label missing from the mapping is an error.
         min_area: drop instances with fewer mask pixels than this (where masks are decoded).
         min_size: drop instances whose box is narrower or lower than this many pixels.
+        type_transforms: ``{cell type: transforms}`` used instead of ``transforms`` for the
+            records of that type (``augment.by_type``:
+            :func:`cellmask.data.transforms.build_type_transforms`).
 
     Items:
         ``(image float32 [3, H, W] in 0..1, target)``; see the module doc.
@@ -157,6 +160,7 @@ class DetectionDataset(Dataset):
         labels_from: LabelsFrom = "record",
         min_area: int = 4,
         min_size: float = 2.0,
+        type_transforms: Mapping[str, Callable] | None = None,
     ) -> None:
         if isinstance(labels_from, str) and labels_from not in ("record", "agnostic"):
             raise ValueError(f"labels_from must be 'record', 'agnostic' or a mapping, got {labels_from!r}")
@@ -166,6 +170,11 @@ class DetectionDataset(Dataset):
         self.labels_from = labels_from
         self.min_area = int(min_area)
         self.min_size = float(min_size)
+        self.type_transforms = dict(type_transforms or {})
+
+    def item_groups(self) -> list[str]:
+        """Each image's ``cell_type``, for balanced sampling (``train.type_balance``)."""
+        return self.source.item_groups()
 
     @property
     def records(self) -> list[ImageRecord]:
@@ -197,7 +206,7 @@ class DetectionDataset(Dataset):
         has_segs = record.seg_format != "none"
         if self.with_masks and n and not has_segs:
             raise DataError(f"record {record.image_id}: with_masks=True but the record has no segmentations")
-        transforms = self.transforms
+        transforms = self.type_transforms.get(str(record.cell_type), self.transforms)
         plan = transforms.plan() if isinstance(transforms, Pipeline) else None
         if plan is not None:
             geometric, rotates = plan.geometric, plan.rotates

@@ -68,6 +68,7 @@ __all__ = [
     "Plan",
     "apply_transforms",
     "build_transforms",
+    "build_type_transforms",
     "layers_from_indices",
     "layers_to_boxes",
     "layers_to_masks",
@@ -90,6 +91,7 @@ DEFAULT_AUGMENT: dict[str, Any] = {
     "median_blur": {"p": 0.2, "kernel": [3, 7]},
     "resize": None,
     "crop": None,
+    "by_type": None,
 }
 """The authors' augmentations (see ``configs/base.yaml``, which states the same values with their
 sources); the defaults of :func:`build_transforms`."""
@@ -287,6 +289,26 @@ def _blur(cfg: Mapping[str, Any]) -> Blur | None:
         raise ValueError(f"augment.gaussian_blur/median_blur: {exc}") from None
 
 
+def build_type_transforms(augment_cfg: Mapping[str, Any] | None, train: bool) -> dict[str, Pipeline]:
+    """``{cell type: pipeline}`` for the types ``augment.by_type`` names, each of ``augment`` with
+    that type's keys merged over it (e.g. ``by_type: {astro: {crop: [384, 384]}}``: larger windows
+    for the large astrocytes); ``{}`` without ``by_type``. The other types use
+    :func:`build_transforms`'s pipeline.
+
+    Raises:
+        ValueError: ``by_type`` is not a mapping of mappings, or a merged section is invalid.
+    """
+    from cellmask.config import deep_merge
+
+    by_type = (augment_cfg or {}).get("by_type") or {}
+    if not isinstance(by_type, Mapping) or not all(isinstance(v, Mapping) for v in by_type.values()):
+        raise ValueError(f"augment.by_type must map cell types to augment sections, got {by_type!r}")
+    base = {k: v for k, v in (augment_cfg or {}).items() if k != "by_type"}
+    return {
+        str(kind): build_transforms(deep_merge(base, dict(over)), train) for kind, over in by_type.items()
+    }
+
+
 def build_transforms(augment_cfg: Mapping[str, Any] | None, train: bool) -> Pipeline:
     """The augmentation pipeline of a config's ``augment`` section (keys: see the module doc).
 
@@ -303,6 +325,7 @@ def build_transforms(augment_cfg: Mapping[str, Any] | None, train: bool) -> Pipe
     unknown = set(cfg) - set(DEFAULT_AUGMENT)
     if unknown:
         raise ValueError(f"augment: unknown key(s) {sorted(unknown)}; expected {sorted(DEFAULT_AUGMENT)}")
+    cfg.pop("by_type", None)  # per-type pipelines: build_type_transforms
     ops: list[Op] = []
     size = _size(cfg, "resize")
     if size is not None:

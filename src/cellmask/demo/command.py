@@ -72,6 +72,13 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="train and score the Cascade Mask R-CNN baseline too (default: on a competition root)",
     )
+    p.add_argument(
+        "--classifier",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train the image-type classifier and let it pick each image's thresholds (default: on a "
+        "competition root; not in the paper)",
+    )
     add_override_argument(
         p, "override a config value of every run (repeatable), e.g. --set train.max_hours=0.2"
     )
@@ -196,6 +203,7 @@ def cli_demo(args: argparse.Namespace) -> int:
         predict_config=args.predict_config,
         livecell=args.livecell,
         baseline=args.baseline,
+        classifier=args.classifier,
         report=args.report,
         overrides=args.overrides,
         command=_command_line("cellmask demo"),

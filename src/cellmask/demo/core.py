@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cellmask.demo.plan import BRANCHES, Stage, default_config_dir
+from cellmask.demo.plan import BRANCHES, IMAGE_TYPE, Stage, default_config_dir
 from cellmask.demo.steps import (
     DemoContext,
     Scored,
@@ -50,6 +50,9 @@ SUMMARY_KEYS = (
     "runs",
     "segmenter",
     "segmenter_mIoU",
+    "segmenter_mIoU_per_type",
+    "diagnosis",
+    "predict_config",
     "score",
     "score_per_class",
     "score_per_threshold",
@@ -119,6 +122,7 @@ def run_demo(
     report: str | Path | None = None,
     command: str | None = None,
     overrides: Sequence[str] = (),
+    classifier: bool | None = None,
 ) -> dict[str, Any]:
     """Run the demo (:mod:`cellmask.demo`); returns the summary (keys :data:`SUMMARY_KEYS`).
 
@@ -143,6 +147,10 @@ def run_demo(
             synthetic source (a root's own held-out fold is the real figure there).
         predict_config: a predict YAML or mapping (default: the paper's values).
         baseline: train and score the Cascade Mask R-CNN baseline too (default: with a root).
+        classifier: train the image-type classifier (``configs/image_type.yaml``) and let it
+            decide each image's type, so its thresholds and minimum area (default: with a root;
+            the scored table keeps the detectors' vote beside it). The run's
+            ``predict.yaml`` names it.
         report: write the markdown report there (``benchmarks/REAL.md`` for ``make demo-real``).
         command: the command line the report names.
         overrides: ``KEY.PATH=VALUE`` for every run's config (``--set``), e.g.
@@ -160,7 +168,8 @@ def run_demo(
     source = resolve_source(data, synth, livecell)
     profile = profile or ("demo" if source.synthetic else "cpu")
     baseline = (not source.synthetic) if baseline is None else baseline
-    stages = stages_for(source, branches, livecell, baseline)
+    classifier = (not source.synthetic) if classifier is None else classifier
+    stages = stages_for(source, branches, livecell, baseline, classifier)
     config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
     ctx = DemoContext(
         out=Path(out),
@@ -175,10 +184,12 @@ def run_demo(
     data_step(ctx, livecell)
     split = split_step(ctx)
     results = train_step(ctx, train, workers, reuse)
+    typed = [f"predict.type_classifier={(ctx.out / IMAGE_TYPE).resolve()}"] if classifier else None
     predictor = Predictor.from_runs(
         [ctx.out / s.name for s in ctx.branch_stages], ctx.out / "segmenter", config=predict_config,
-        device=device, cache=ctx.out / "evaluate" / "cache" if split.holdout else None,
+        overrides=typed, device=device, cache=ctx.out / "evaluate" / "cache" if split.holdout else None,
     )  # fmt: skip
+    write_predict_yaml(ctx.out, predictor)
     scored = scored_step(ctx, predictor, split, baseline)
     fixtures, fixture_result = fixture_step(ctx, predictor, real)
     n_test, pred = submission_step(ctx, predictor, submission)
@@ -194,6 +205,18 @@ def run_demo(
         path = write_real_report(report, summary, ctx.out, command=command or "cellmask demo")
         print(f"report     {path}")
     return summary
+
+
+def write_predict_yaml(out: Path, predictor: Any) -> Path:
+    """``<out>/predict.yaml``: the configured row's predict config, the image-type classifier (if
+    any) named relative to it, so ``cellmask predict --runs <out>/<branch> ... --segmenter
+    <out>/segmenter --config <out>/predict.yaml`` on any folder of images runs that pipeline."""
+    from cellmask.predict.options import save_predict_config
+
+    opts = dict(predictor.options)
+    if opts.get("type_classifier"):
+        opts["type_classifier"] = str(Path(opts["type_classifier"]).relative_to(out.resolve()))
+    return save_predict_config(opts, out / "predict.yaml", predictor.describe_runs())
 
 
 def _figures(ctx: DemoContext, scored: Scored, fixtures: Sequence[Any], fixture_result: Any) -> list[Path]:
@@ -288,6 +311,9 @@ def build_summary(
         },
         "segmenter": model_name(ctx.configs["segmenter"]),
         "segmenter_mIoU": scored.miou,
+        "segmenter_mIoU_per_type": scored.miou_per_type,
+        "diagnosis": scored.diagnosis.to_json() if scored.diagnosis is not None else None,
+        "predict_config": str(ctx.out / "predict.yaml"),
         "score": main.report.score,
         "score_per_class": main.report.per_class,
         "score_per_threshold": main.report.per_threshold,

@@ -39,6 +39,9 @@ name of its run directory under the demo's ``--out``."""
 SEGMENTER = "segmenter_upernet_swin_t"
 SEGMENTER_FINETUNE = "segmenter_upernet_swin_t_finetune"
 BASELINE = "cascade_mask_rcnn_resnext101"
+IMAGE_TYPE = "image_type"
+"""The image-type classifier's stage and config (``configs/image_type.yaml``; not in the paper):
+trained on a competition root, where the detectors' vote picks a type poorly."""
 
 SOFT_TEACHER_INIT = "cascade_rcnn_resnext101"
 """The run whose weights start Soft Teacher (``--init``): as the paper starts it from a trained
@@ -81,8 +84,8 @@ class Stage:
         name: the run directory's name under the demo's ``--out`` (unique).
         config: the config file's name in ``configs/`` (without ``.yaml``).
         role: ``branch`` (an ensemble detector), ``segmenter``, ``baseline`` (Cascade Mask
-            R-CNN, own masks), ``pretrain`` (a LIVECell stage) or ``variant`` (an ablation
-            model scored beside the branches).
+            R-CNN, own masks), ``classifier`` (the image-type classifier), ``pretrain`` (a
+            LIVECell stage) or ``variant`` (an ablation model scored beside the branches).
         dataset: ``sartorius`` or ``livecell``.
         init: the stage whose ``best.pt`` initialises this one (``--init``), or ``None``.
         overrides: ``--set`` strings on top of the profile.

@@ -18,6 +18,7 @@ from cellmask.demo.plan import (
     ABLATION_LIVECELL,
     BASELINE,
     DATASETS,
+    IMAGE_TYPE,
     QUICK_DATASET,
     QUICK_EPOCHS,
     Stage,
@@ -91,14 +92,19 @@ class DemoContext:
         self.times[key] = time.perf_counter() - start
 
 
-def stages_for(source: DataSource, branches: Sequence[str], livecell: bool, baseline: bool) -> list[Stage]:
-    """The runs to train: Soft Teacher only with unlabeled images, the baseline on request."""
+def stages_for(
+    source: DataSource, branches: Sequence[str], livecell: bool, baseline: bool, classifier: bool = False
+) -> list[Stage]:
+    """The runs to train: Soft Teacher only with unlabeled images, the baseline and the
+    image-type classifier on request."""
     branches = list(branches)
     if not source.unlabeled:
         branches = [b for b in branches if b != "soft_teacher_resnext101"]
     stages = demo_stages(branches, livecell=livecell)
     if baseline:
         stages.append(Stage(BASELINE, BASELINE, "baseline"))
+    if classifier:
+        stages.append(Stage(IMAGE_TYPE, IMAGE_TYPE, "classifier", label="image-type classifier"))
     return stages
 
 
@@ -213,6 +219,9 @@ class Scored:
         tuned: :func:`~cellmask.evaluate.tune.tune_predictor`'s result on the val fold, or ``None``.
         tuned_row: the row scored with the tuned thresholds, or ``None``.
         miou: the segmenter's mean mask IoU on the scored images' truth boxes.
+        miou_per_type: the same per cell type.
+        diagnosis: :func:`~cellmask.evaluate.diagnose.diagnose` on the scored images (a
+            competition root's held-out fold), or ``None``.
     """
 
     name: str
@@ -221,6 +230,8 @@ class Scored:
     tuned: Any = None
     tuned_row: Any = None
     miou: float = float("nan")
+    miou_per_type: dict[str, float] = field(default_factory=dict)
+    diagnosis: Any = None
 
 
 def scored_step(ctx: DemoContext, predictor: Any, split: Any, baseline: bool) -> Scored:
@@ -229,6 +240,7 @@ def scored_step(ctx: DemoContext, predictor: Any, split: Any, baseline: bool) ->
     val fold without tuning when there is no held-out fold (the synthetic demo)."""
     from cellmask.demo.reports.tables import write_truth_csv
     from cellmask.evaluate import Row, evaluate_predictor
+    from cellmask.evaluate.diagnose import ORACLE_ROW, diagnose
     from cellmask.evaluate.tune import tune_predictor
     from cellmask.models.segmenter import evaluate_segmenter
     from cellmask.paths import CompetitionLayout
@@ -250,6 +262,11 @@ def scored_step(ctx: DemoContext, predictor: Any, split: Any, baseline: bool) ->
         ctx.timed("tune", t)
         scored.tuned_row = Row("ensemble + TTA, thresholds tuned on the val fold", options=scored.tuned.best)
         extra.append(scored.tuned_row)
+        if predictor.options.get("type_classifier") and predictor.options["class_vote"]:
+            extra.append(
+                Row("ensemble + TTA, image type by the detectors' vote", options={"type_classifier": None})
+            )
+        extra.append(Row(f"ensemble + TTA, {ORACLE_ROW}", true_type=True))
     else:
         banner(
             f"3/5 the ensemble and each branch on {len(scored.records)} validation images (competition metric)"
@@ -269,6 +286,11 @@ def scored_step(ctx: DemoContext, predictor: Any, split: Any, baseline: bool) ->
         ctx.out / f"{scored.name}_truth.csv",
     )
     scored.miou = evaluate_segmenter(predictor.segmenter, scored.records, predictor.device)["mIoU"]
+    for kind in sorted({r.cell_type for r in scored.records}):
+        typed = [r for r in scored.records if r.cell_type == kind]
+        scored.miou_per_type[kind] = evaluate_segmenter(predictor.segmenter, typed, predictor.device)["mIoU"]
+    if split.holdout:  # per cell type: boxes found before any threshold, and the type decision
+        scored.diagnosis = diagnose(predictor, scored.records, progress=ctx.progress)
     ctx.timed("evaluate", t)
     print(f"(re-score: cellmask score --truth {truth_csv} --pred {scored.result.files['submission']})")
     return scored

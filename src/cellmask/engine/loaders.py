@@ -13,6 +13,7 @@ epochs (``persistent_workers``), and with them each worker's image cache.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -23,6 +24,8 @@ from cellmask.data.datasets import collate
 from cellmask.engine.defaults import train_config
 from cellmask.engine.dist import DistInfo, init_distributed
 from cellmask.engine.rng import item_seed, kept_cpu_rngs, seed_cpu_rngs
+
+log = logging.getLogger("cellmask.engine")
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
 """``(images, targets)`` as :func:`cellmask.data.datasets.collate` makes it."""
@@ -157,6 +160,8 @@ def build_train_loader(
     workers = int(tcfg["num_workers"])
     balance = float(tcfg.get("type_balance") or 0.0)
     groups = dataset.item_groups() if balance and hasattr(dataset, "item_groups") else None
+    if balance and groups is None:
+        log.warning("train.type_balance %g ignored: %s has no item groups", balance, type(dataset).__name__)
     if groups and len(set(groups)) > 1:
         sampler: Sampler[int] = BalancedSampler(groups, balance, seed, info.world_size, info.rank)
     else:

@@ -47,24 +47,28 @@ class Diagnosis:
 
     Attributes:
         recall: ``{type: {size bin: [found, truths]}}`` at IoU 0.5, before any threshold.
-        confusion: ``{true type: {decided type: images}}`` (``"none"``: no detection at all).
-        decided_by: what decides an image's type in the pipeline measured.
+        confusion: per decider (``"class vote"``, and ``"image-type classifier"`` when the
+            pipeline names one), ``{true type: {decided type: images}}`` (``"none"``: no
+            detection at all).
+        decided_by: the decider the pipeline as configured uses.
         iou: the IoU of a found box.
     """
 
     recall: dict[str, dict[str, list[int]]] = field(default_factory=dict)
-    confusion: dict[str, dict[str, int]] = field(default_factory=dict)
+    confusion: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     decided_by: str = "class vote"
     iou: float = 0.5
 
-    def type_accuracy(self) -> dict[str, float]:
-        """Per true type (and ``all``): the fraction of its images given the right type."""
+    def type_accuracy(self, decider: str | None = None) -> dict[str, float]:
+        """Per true type (and ``all``): the fraction of its images ``decider`` (default: the
+        configured one) gives the right type."""
+        confusion = self.confusion.get(decider or self.decided_by, {})
         out = {}
-        for true, row in self.confusion.items():
+        for true, row in confusion.items():
             total = sum(row.values())
             out[true] = row.get(true, 0) / total if total else float("nan")
-        right = sum(row.get(t, 0) for t, row in self.confusion.items())
-        total = sum(sum(row.values()) for row in self.confusion.values())
+        right = sum(row.get(t, 0) for t, row in confusion.items())
+        total = sum(sum(row.values()) for row in confusion.values())
         out["all"] = right / total if total else float("nan")
         return out
 
@@ -81,7 +85,7 @@ class Diagnosis:
             "recall": self.recall,
             "recall_per_type": {t: self.recall_of(t) for t in self.recall},
             "confusion": self.confusion,
-            "type_accuracy": self.type_accuracy(),
+            "type_accuracy": {d: self.type_accuracy(d) for d in self.confusion},
         }
 
 
@@ -122,8 +126,13 @@ def diagnose(
     from cellmask.data.rle import rle_area
 
     opts = predictor.options
-    out = Diagnosis(decided_by="class vote" if opts["class_vote"] else "per-box classes (pooled)", iou=iou)
-    for record, array, _tensor, raw in predictor.iter_records(records, progress, "diagnose"):
+    classifier = bool(opts["class_vote"] and opts.get("type_classifier"))
+    decided_by = "image-type classifier" if classifier else "class vote"
+    if not opts["class_vote"]:
+        decided_by = "per-box classes (pooled)"
+    out = Diagnosis(decided_by=decided_by, iou=iou)
+    vote_name = "class vote" if opts["class_vote"] else decided_by
+    for record, array, tensor, raw in predictor.iter_records(records, progress, "diagnose"):
         dets = predictor.fuse(raw, tuple(array.shape))
         truth = np.asarray(record.boxes, dtype=np.float32).reshape(-1, 4)
         found = _found(truth, dets.boxes, iou)
@@ -132,8 +141,11 @@ def diagnose(
             entry = bins.setdefault(size_bin(rle_area(rle, record.height, record.width)), [0, 0])
             entry[0] += int(hit)
             entry[1] += 1
-        label = decided_type(dets, opts)
-        decided = CLASSES[label - 1] if label else "none"
-        row = out.confusion.setdefault(record.cell_type, {})
-        row[decided] = row.get(decided, 0) + 1
+        deciders = {vote_name: decided_type(dets, opts)}
+        if classifier:
+            deciders["image-type classifier"] = predictor.image_type(tensor, opts)
+        for name, label in deciders.items():
+            decided = CLASSES[label - 1] if label else "none"
+            row = out.confusion.setdefault(name, {}).setdefault(record.cell_type, {})
+            row[decided] = row.get(decided, 0) + 1
     return out

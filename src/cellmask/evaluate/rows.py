@@ -55,6 +55,11 @@ class RowResult:
     predictions: dict[str, list[str]]
 
 
+VIEWS_ROW = ", every view its own WBF entry"
+PER_MODEL_ROW = " fused per model"
+"""Suffixes of the row with the TTA reading not configured (``predict.tta_fusion``): 8 WBF entries
+for 4 branches, or each branch's views merged first (:mod:`cellmask.predict.fusion`)."""
+
 PAPER_EXACT_ROW = "paper-exact (5.3.2)"
 """The ablation's name for the paper's pipeline (after ``"ensemble + TTA, "``): the options of
 ``--paper-exact`` (:data:`~cellmask.predict.options.PAPER_EXACT`) on every branch with flip TTA."""
@@ -96,9 +101,10 @@ def ablation_rows(
     branch_names: Sequence[str], options: Mapping[str, Any], baseline: str | None = None
 ) -> list[Row]:
     """The ablation: each branch alone (+ segmenter, no TTA), the baseline (if given), the
-    ensemble without TTA, with TTA in both readings of how the views enter WBF (``"ensemble +
-    TTA"``: every (branch, view) one WBF entry; ``"... fused per model"``: each branch's views
-    merged first, :mod:`cellmask.predict.fusion`), with re-scoring, and the paper's pipeline
+    ensemble without TTA, with TTA (``"ensemble + TTA"``: the configured reading of how the views
+    enter WBF) and the other reading beside it (:data:`VIEWS_ROW`: every (branch, view) one WBF
+    entry; :data:`PER_MODEL_ROW`: each branch's views merged first, :mod:`cellmask.predict.fusion`),
+    with re-scoring, and the paper's pipeline
     (:data:`PAPER_EXACT_ROW`: ``--paper-exact``'s options) beside the class vote and the minimum
     areas added to it one at a time.
 
@@ -117,9 +123,11 @@ def ablation_rows(
     if n > 1:
         rows.append(Row("ensemble, no TTA", tta=False))
     head = "ensemble + TTA" if n > 1 else "branch + TTA"
-    rows.append(Row(head, tta=True, options={"tta_fusion": "views"}))
-    if n > 1:
-        rows.append(Row(f"{head} fused per model", options={"tta_fusion": "per_model"}))
+    rows.append(Row(head, tta=True))  # the configured reading of the views (predict.tta_fusion)
+    if n > 1:  # the other reading beside it
+        other = "views" if options["tta_fusion"] == "per_model" else "per_model"
+        name = VIEWS_ROW if other == "views" else PER_MODEL_ROW
+        rows.append(Row(f"{head}{name}", options={"tta_fusion": other}))
     rows.append(Row(f"{head} + re-scoring", options={"rescore": True}))
     exact = dict(PAPER_EXACT)
     exact_name = f"{head}, {PAPER_EXACT_ROW}"

@@ -144,17 +144,18 @@ def _collect(predictor: Any, records: Sequence[Any], lowest: float, progress: bo
     for record, array, tensor, raw in predictor.iter_records(records, progress, "tune: detect + segment"):
         dets = predictor.fuse(raw, tuple(array.shape))
         labels = dets.labels
-        if opts["class_vote"] and len(dets):
-            labels = np.full(
-                len(dets), image_class(dets.labels, dets.scores, float(opts["vote_min_score"])), np.int64
+        if opts["class_vote"] and len(dets):  # the image-type classifier's type, else the vote's
+            label = predictor.image_type(tensor) or image_class(
+                dets.labels, dets.scores, float(opts["vote_min_score"])
             )
+            labels = np.full(len(dets), label, np.int64)
         keep = np.flatnonzero(dets.scores >= lowest)
         boxes = dets.boxes[keep].astype(np.float32)
         b = torch.as_tensor(boxes, device=tensor.device).reshape(-1, 4)
         with predictor._timed("segmenter"):
             rois = torch.cat([torch.zeros((len(b), 1), device=tensor.device), b], 1)
             probs = (
-                seg.predict_probs(tensor[None], rois, bs, predictor.amp)
+                seg.predict_probs(tensor[None], rois, bs, predictor.segmenter_amp)
                 if len(b)
                 else torch.zeros((0, 1, 1, 1))
             )

@@ -92,6 +92,28 @@ def _copy_run(run: Path, dst: Path, cfg: Mapping[str, Any], status: Any = None) 
     }
 
 
+TYPE_CLASSIFIER = "type_classifier"
+"""Where the image-type classifier a predict config names goes in the weights dataset."""
+
+
+def _copy_predict_config(path: Path, out: Path) -> dict[str, Any] | None:
+    """``out/predict.yaml`` from ``path``; an image-type classifier it names
+    (``predict.type_classifier``, :mod:`cellmask.models.image_type`) is copied to
+    ``out/type_classifier/`` and named relative to the file, so the offline kernel finds it."""
+    from cellmask.predict.options import load_predict_config
+
+    raw = yaml.safe_load(path.read_text()) or {}
+    classifier = load_predict_config(path).get("type_classifier")
+    if not classifier:
+        shutil.copy2(path, out / "predict.yaml")
+        return None
+    cfg = run_config(classifier)
+    entry = _copy_run(Path(classifier), out / TYPE_CLASSIFIER, cfg)
+    raw.setdefault("predict", {})["type_classifier"] = TYPE_CLASSIFIER
+    (out / "predict.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return entry
+
+
 def collect_weights(
     branches: Sequence[str | Path],
     segmenter: str | Path,
@@ -104,6 +126,7 @@ def collect_weights(
         out/branches/<run name>/{best.pt, config.yaml}   one per detector branch
         out/segmenter/{best.pt, config.yaml}
         out/predict.yaml                                  the tuned predict config (if given)
+        out/type_classifier/{best.pt, config.yaml}        the image-type classifier it names (if any)
         out/manifest.json                                 what came from where
 
     Earlier contents are replaced (``dataset-metadata.json`` stays).
@@ -134,7 +157,7 @@ def collect_weights(
         raise FileNotFoundError(f"{predict_config}: no such predict config")
     statuses = run_statuses([*branches, segmenter], accept_unfinished)
 
-    for stale in (out / "branches", out / "segmenter"):
+    for stale in (out / "branches", out / "segmenter", out / TYPE_CLASSIFIER):
         if stale.exists():
             shutil.rmtree(stale)
     for stale in (out / "predict.yaml", out / "manifest.json"):
@@ -144,7 +167,7 @@ def collect_weights(
         manifest["branches"][name] = _copy_run(Path(run), out / "branches" / name, cfg, statuses[str(run)])
     manifest["segmenter"] = _copy_run(Path(segmenter), out / "segmenter", seg_cfg, statuses[str(segmenter)])
     if predict_config is not None:
-        shutil.copy2(predict_config, out / "predict.yaml")
         manifest["predict_config"] = str(predict_config)
+        manifest["type_classifier"] = _copy_predict_config(Path(predict_config), out)
     write_json(out / "manifest.json", manifest)
     return manifest

@@ -51,11 +51,12 @@ TTA_FUSIONS = ("views", "per_model")
 
 PREDICT_DEFAULTS: dict[str, Any] = {
     "tta": True,
-    "tta_fusion": "views",
+    "tta_fusion": "per_model",
     "wbf": {"iou_thr": 0.6, "skip_box_thr": 0.01, "conf_type": "avg"},
     "class_vote": True,
     "vote_before_wbf": False,
     "vote_min_score": 0.25,
+    "type_classifier": None,
     "score_thresholds": dict(DEFAULT_SCORE_THRESHOLDS),
     "mask_threshold": None,
     "rescore": False,
@@ -70,8 +71,9 @@ PREDICT_DEFAULTS: dict[str, Any] = {
 - ``tta_fusion``: how the views enter WBF: ``views`` (every (branch, view) pair is one WBF model
   carrying its branch's weight: 8 entries for 4 branches) or ``per_model`` (each branch's views
   merged first, then WBF of the branches: the paper's "flip TTA, then WBF of the four models");
-  :mod:`cellmask.predict.fusion` derives where the two differ. ``--paper-exact`` uses
-  ``per_model``; the default stays ``views`` until both are scored on real images;
+  :mod:`cellmask.predict.fusion` derives where the two differ. The default (and
+  ``--paper-exact``'s) is ``per_model``: on the real held-out fold it scored at least as well as
+  ``views`` (benchmarks/REAL.md);
 - ``wbf``: :func:`ensemble_boxes.weighted_boxes_fusion` arguments (paper: ``iou_thr`` 0.6,
   ``skip_box_thr`` 0.01; ``conf_type`` ``avg``, the library's default);
 - ``class_vote``: every instance of an image gets the image's class by a score-weighted vote
@@ -81,6 +83,10 @@ PREDICT_DEFAULTS: dict[str, Any] = {
   relabel them *before* WBF, so WBF merges boxes that two branches labelled differently (after
   WBF, the default, WBF clusters each label on its own and the vote relabels the fused boxes);
 - ``vote_min_score``: detections scoring at least this vote (all vote when none does);
+- ``type_classifier``: with ``class_vote``, an image-type classifier run
+  (:mod:`cellmask.models.image_type`, ``configs/image_type.yaml``) decides the image's type from
+  the image instead of the detections' vote (``None``: the vote); a relative path is taken from
+  the folder of the predict config that names it; not in the paper;
 - ``score_thresholds``: per-class score thresholds on the fused detections (paper: shsy5y 0.25,
   cort 0.55, astro 0.35), or one float for every class;
 - ``mask_threshold``: the segmenter's probability threshold (``None``: the segmenter run's
@@ -105,6 +111,7 @@ PAPER_EXACT: dict[str, Any] = {
     "wbf": {"iou_thr": 0.6, "skip_box_thr": 0.01, "conf_type": "avg"},
     "class_vote": False,
     "vote_before_wbf": False,
+    "type_classifier": None,
     "score_thresholds": dict(DEFAULT_SCORE_THRESHOLDS),
     "mask_threshold": None,
     "rescore": False,
@@ -222,6 +229,9 @@ def load_predict_config(
         section = loaded.get("predict") or {}
         if not isinstance(section, Mapping):
             raise DataError(f"{config}: 'predict' must be a mapping")
+        classifier = section.get("type_classifier")
+        if classifier and not Path(classifier).is_absolute():  # beside the file that names it
+            section = {**section, "type_classifier": str((Path(config).parent / classifier).resolve())}
     cfg: dict[str, Any] = {"predict": dict(section)}
     if overrides:
         if not isinstance(overrides, Mapping):

@@ -155,11 +155,14 @@ def vote_entries(entries: Sequence[Detections], min_score: float = 0.25) -> list
     return [Detections(e.boxes, e.scores, np.full(len(e), label, dtype=np.int64)) for e in entries]
 
 
-def _select(dets: Detections, opts: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """``(kept indices, labels of all detections)`` after the class vote and the thresholds."""
+def _select(
+    dets: Detections, opts: Mapping[str, Any], image_label: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(kept indices, labels of all detections)`` after the class vote (or ``image_label``,
+    the image-type classifier's, when given) and the thresholds."""
     labels = dets.labels
     if opts["class_vote"]:
-        label = image_class(dets.labels, dets.scores, float(opts["vote_min_score"]))
+        label = image_label or image_class(dets.labels, dets.scores, float(opts["vote_min_score"]))
         labels = np.full(len(dets), label, dtype=np.int64)
     thresholds = opts["score_thresholds"]
     if thresholds is None:
@@ -168,7 +171,11 @@ def _select(dets: Detections, opts: Mapping[str, Any]) -> tuple[np.ndarray, np.n
 
 
 def finish_detections(
-    dets: Detections, image_size: tuple[int, int], opts: Mapping[str, Any], masks_fn: MaskFn
+    dets: Detections,
+    image_size: tuple[int, int],
+    opts: Mapping[str, Any],
+    masks_fn: MaskFn,
+    image_label: int | None = None,
 ) -> Instances:
     """The steps after detection (module docstring) for one image.
 
@@ -177,6 +184,8 @@ def finish_detections(
         image_size: ``(H, W)`` of the image.
         opts: a resolved ``predict`` section (:func:`~cellmask.predict.options.predict_config`).
         masks_fn: makes the masks of the kept boxes (:func:`segmenter_masks`, or a model's own).
+        image_label: with ``class_vote``, the image's type (1-based) decided elsewhere (the
+            image-type classifier) instead of the vote over ``dets``.
 
     Returns:
         the image's :class:`Instances` (possibly none).
@@ -184,7 +193,7 @@ def finish_detections(
     size = (int(image_size[0]), int(image_size[1]))
     if len(dets) == 0:
         return Instances.empty(size)
-    keep, labels = _select(dets, opts)
+    keep, labels = _select(dets, opts, image_label)
     if len(keep) == 0:
         return Instances.empty(size)
     offsets, windows, conf = masks_fn(keep)

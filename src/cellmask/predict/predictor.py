@@ -29,6 +29,7 @@ import torch
 
 from cellmask.predict.cache import DetectionCache, ImageKey
 from cellmask.predict.fusion import fuse_image
+from cellmask.predict.image_type import ImageTyper
 from cellmask.predict.options import (
     load_predict_config,
     paper_weight_problems,
@@ -98,6 +99,7 @@ class Predictor:
             b.model.to(self.device).eval()
         self.segmenter = segmenter.to(self.device).eval()
         self.cache = cache if isinstance(cache, DetectionCache) else DetectionCache(cache)
+        self.typer = ImageTyper(self.device)
         self.timings: dict[str, float] = defaultdict(float)
 
     # ------------------------------------------------------------------ building
@@ -154,6 +156,12 @@ class Predictor:
             return False
         train = (getattr(run, "config", None) or {}).get("train") or {}
         return amp_dtype(train.get("amp_dtype"), self.device)
+
+    def image_type(self, image: torch.Tensor, options: Mapping[str, Any] | None = None) -> int | None:
+        """The image's type by ``predict.type_classifier`` (:class:`~cellmask.predict.image_type.ImageTyper`),
+        or ``None`` when the vote decides."""
+        with self._timed("image type"):
+            return self.typer(image, self.options if options is None else options)
 
     def describe_runs(self) -> dict[str, Any]:
         """``{"branches": [...], "segmenter": {...}}``: what each model is and where it came from."""
@@ -290,6 +298,7 @@ class Predictor:
         """
         opts = self.options if options is None else predict_config(options)
         size = (int(image.shape[-2]), int(image.shape[-1]))
+        image_label = self.image_type(image, opts)
         masks_fn = segmenter_masks(
             self.segmenter,
             image,
@@ -306,7 +315,7 @@ class Predictor:
 
         start = time.perf_counter()
         seg_before = self.timings["segmenter"]
-        result = finish_detections(dets, size, opts, timed_masks)
+        result = finish_detections(dets, size, opts, timed_masks, image_label)
         self.timings["postprocess"] += time.perf_counter() - start - (self.timings["segmenter"] - seg_before)
         return result
 

@@ -198,6 +198,13 @@ def _check_kind(spec: RunSpec, expect: str) -> None:
     from cellmask.engine import CheckpointError
 
     is_segmenter = spec.kind == "segmenter"
+    if (expect == "image_type") != (spec.kind == "image_type"):
+        if expect == "image_type":
+            raise CheckpointError(f"{spec.source}: is a {spec.kind} run, expected an image-type classifier")
+        raise CheckpointError(
+            f"{spec.source}: is an image-type classifier run, expected a {expect}: give it as "
+            "predict.type_classifier"
+        )
     if expect == "segmenter" and not is_segmenter:
         raise CheckpointError(
             f"{spec.source}: is a {spec.kind} run ({spec.name}), expected a segmenter: "
@@ -254,11 +261,16 @@ def load_run_model(spec: RunSpec, expect: str, device: str | torch.device = "cpu
     """
     from cellmask.engine import checkpoint_state_dict, load_checkpoint
 
-    if expect not in ("detector", "segmenter"):
-        raise ValueError(f"expect must be 'detector' or 'segmenter', got {expect!r}")
+    if expect not in ("detector", "segmenter", "image_type"):
+        raise ValueError(f"expect must be 'detector', 'segmenter' or 'image_type', got {expect!r}")
     _check_kind(spec, expect)
     state = checkpoint_state_dict(load_checkpoint(spec.checkpoint, map_location="cpu"), spec.checkpoint)
-    if expect == "segmenter":
+    if expect == "image_type":
+        from cellmask.models.image_type import build_image_classifier
+
+        num_classes = int((spec.config.get("data") or {}).get("num_classes", len(CLASSES) + 1))
+        model = build_image_classifier(spec.config["model"], num_classes)
+    elif expect == "segmenter":
         from cellmask.models.segmenter import build_segmenter
 
         model = build_segmenter(_offline(spec.config["model"]))
@@ -282,6 +294,14 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
     """``(detector in eval mode on device, its run's config)`` from a run directory or checkpoint
     (:func:`resolve_run`, :func:`load_run_model`; errors name the file)."""
     return _load(path, "detector", device)
+
+
+def load_type_classifier(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, dict]:
+    """``(image-type classifier in eval mode on device, its run's config)`` from a run directory
+    or checkpoint (``predict.type_classifier``)."""
+    return _load(path, "image_type", device)
 
 
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:

@@ -39,6 +39,8 @@ def parts_builder(cfg: dict[str, Any]) -> PartsBuilder:
     if is_segmenter_config(cfg):
         return segmenter_parts
     kind = (cfg.get("model") or {}).get("type")
+    if kind == "image_type":
+        return image_type_parts
     if kind == "soft_teacher":
         module, _, name = SOFT_TEACHER_PARTS.partition(":")
         try:
@@ -59,7 +61,7 @@ def detector_parts(
     from torch.utils.data import Subset
 
     from cellmask.data.datasets import DetectionDataset, collate
-    from cellmask.data.transforms import build_transforms
+    from cellmask.data.transforms import build_transforms, build_type_transforms
     from cellmask.engine import build_eval_loader, build_train_loader, seed_everything, shard, train_config
     from cellmask.models import build_detector
     from cellmask.training.validation import evaluate_detector
@@ -72,6 +74,7 @@ def detector_parts(
         build_transforms(augment, train=True),
         with_masks=with_masks,
         image_cache=bool(tcfg["image_cache"]),
+        type_transforms=build_type_transforms(augment, train=True),
     )
     train_loader = build_train_loader(train_set, cfg, collate, info)
 
@@ -138,5 +141,56 @@ def segmenter_parts(
             amp = amp_dtype(dtype_name, info.device) if amp_on else False  # training's own dtype
             mine = evaluate_segmenter(m, shard(records, info), info.device, amp=amp)
             return merge_means(gather_objects(mine, info), SEGMENTER_VAL_WEIGHTS)
+
+    return model, train_loader, val_fn
+
+
+IMAGE_TYPE_VAL_WEIGHTS = {"accuracy": "images"}
+"""How the ranks' image-type accuracies combine: weighted by their image counts."""
+
+
+def image_type_parts(
+    cfg: dict[str, Any], train_records: list, val_records: list, num_classes: int, info: Any
+) -> tuple[Any, Any, Any]:
+    """``(model, train loader, val_fn)`` of the image-type classifier
+    (:mod:`cellmask.models.image_type`): the detectors' training images and windows
+    (``augment``), validated by the fraction of whole validation images given their type
+    (``val_accuracy``; each rank classifies its shard)."""
+
+    from cellmask.data.datasets import DetectionDataset, collate
+    from cellmask.data.transforms import build_transforms
+    from cellmask.engine import (
+        build_train_loader,
+        gather_objects,
+        merge_means,
+        seed_everything,
+        shard,
+        train_config,
+    )
+    from cellmask.models.image_type import _type_label, build_image_classifier, image_types
+
+    tcfg = train_config(cfg)
+    augment = cfg.get("augment") or {}
+    train_set = DetectionDataset(
+        train_records, build_transforms(augment, train=True), image_cache=bool(tcfg["image_cache"])
+    )
+    train_loader = build_train_loader(train_set, cfg, collate, info)
+    seed_everything(int(tcfg["seed"]))
+    model = build_image_classifier(cfg["model"], num_classes)
+
+    val_fn = None
+    if val_records:
+        val_set = DetectionDataset(val_records, build_transforms(augment, train=False))
+
+        def val_fn(m, epoch, info):
+            right = total = 0
+            for i in shard(range(len(val_set)), info):
+                image, target = val_set[i]
+                truth = _type_label(target)
+                if truth:
+                    right += int(image_types(m, [image.to(info.device)])[0] == truth)
+                    total += 1
+            mine = {"accuracy": right / total if total else float("nan"), "images": float(total)}
+            return merge_means(gather_objects(mine, info), IMAGE_TYPE_VAL_WEIGHTS)
 
     return model, train_loader, val_fn

@@ -21,17 +21,27 @@ from typing import Any
 from cellmask.data.classes import CLASSES
 from cellmask.demo.reports.machine import machine_line
 
-__all__ = ["TARGETS", "format_real_md", "write_real_report"]
+__all__ = ["TARGETS", "format_real_md", "mean_of_types", "write_real_report"]
 
 TARGETS: dict[str, float] = {
-    "ensemble": 0.20,
-    "ensemble_stretch": 0.25,
+    "shsy5y": 0.10,
+    "cort": 0.27,
+    "astro": 0.05,
+    "mean_of_types": 0.14,
     "over_best_branch": 0.01,
     "over_baseline": 0.02,
-    "branch": 0.10,
-    "segmenter_mIoU": 0.75,
+    "minutes": 60.0,
 }
-"""The real track's targets on the held-out fold (issue 16)."""
+"""The real track's targets on the held-out fold (issue 24): per cell type, the mean over the
+three types (each weighted equally), the ensemble over its best branch and over the baseline on
+both the score and that mean, and the time of ``make demo-real``."""
+
+
+def mean_of_types(row: Mapping[str, Any]) -> float:
+    """The mean of a row's per-type scores, each type weighted equally (NaN if one is missing):
+    the held-out fold is 30 cort / 6 shsy5y / 11 astro images, so its plain score is mostly cort's."""
+    values = [row.get(c, math.nan) for c in CLASSES]
+    return math.nan if any(v is None or math.isnan(v) for v in values) else sum(values) / len(values)
 
 
 def _num(value: Any) -> str:
@@ -43,32 +53,103 @@ def _num(value: Any) -> str:
 def _targets(summary: Mapping[str, Any]) -> list[str]:
     """One line per target: the figure, the bar, met or not."""
     rows = summary["ablation"]
-    branches = [r for r in rows if r["branches"] == 1 and not r["baseline"]]
-    ens, best = summary["score"], summary["best_branch_score"]
-    base = summary.get("baseline_score", math.nan)
+    main = next(r for r in rows if r["configured"])
+    singles = [r for r in rows if r["branches"] == 1 and not r["baseline"]]
+    base = next((r for r in rows if r["baseline"]), None)
 
     def line(ok: bool, text: str) -> str:
         return f"- {'met' if ok else '**not met**'}: {text}"
 
-    out = [
-        line(ens >= TARGETS["ensemble"], f"ensemble {_num(ens)} >= {TARGETS['ensemble']} (stretch 0.25)"),
+    out = [line(main[c] >= TARGETS[c], f"{c} {_num(main[c])} >= {TARGETS[c]}") for c in CLASSES]
+    m = mean_of_types(main)
+    out.append(
         line(
-            ens >= best + TARGETS["over_best_branch"],
-            f"ensemble {_num(ens)} >= best branch {_num(best)} + 0.01",
-        ),
-    ]
-    if base is not None and not math.isnan(base):
-        out.append(
-            line(
-                ens >= base + TARGETS["over_baseline"],
-                f"ensemble {_num(ens)} >= baseline {_num(base)} + 0.02",
-            )
+            m >= TARGETS["mean_of_types"],
+            f"mean over the three types {_num(m)} >= {TARGETS['mean_of_types']}",
         )
-    low = min((r["score"] for r in branches), default=math.nan)
-    out.append(line(low >= TARGETS["branch"], f"every branch >= 0.10 (lowest {_num(low)})"))
-    miou = summary["segmenter_mIoU"]
-    out.append(line(miou >= TARGETS["segmenter_mIoU"], f"segmenter mIoU on truth boxes {_num(miou)} >= 0.75"))
+    )
+    for figure, of in (("score", lambda r: r["score"]), ("mean over the types", mean_of_types)):
+        if singles:
+            best = max(singles, key=of)
+            out.append(
+                line(
+                    of(main) >= of(best) + TARGETS["over_best_branch"],
+                    f"{figure}: ensemble {_num(of(main))} >= best branch {_num(of(best))} + 0.01 ({best['row']})",
+                )
+            )
+        if base is not None:
+            out.append(
+                line(
+                    of(main) >= of(base) + TARGETS["over_baseline"],
+                    f"{figure}: ensemble {_num(of(main))} >= baseline {_num(of(base))} + 0.02",
+                )
+            )
+    minutes = summary["time_s"]["total"] / 60.0
+    out.append(line(minutes <= TARGETS["minutes"], f"time {minutes:.1f} min <= 60 (the load is above)"))
     return out
+
+
+def _diagnosis(summary: Mapping[str, Any]) -> list[str]:
+    """Per cell type: box recall before any threshold by truth size, the type decisions."""
+    d = summary.get("diagnosis")
+    if not d:
+        return []
+    from cellmask.evaluate.diagnose import SIZE_BINS, size_bin
+
+    order = [size_bin(edge) for edge in SIZE_BINS]
+    sizes = sorted(
+        {b for per in d["recall"].values() for b in per}, key=lambda b: order.index(b) if b in order else 99
+    )
+    lines = [
+        "## Per cell type: are the cells found, and is the image's type right?",
+        "",
+        f"Box recall at IoU {d['iou']} of the fused detections before any threshold (every box WBF "
+        "keeps), by truth mask area in pixels (found / cells):",
+        "",
+        "| cell type | all | " + " | ".join(sizes) + " |",
+        "|---|---:|" + "---:|" * len(sizes),
+    ]
+    for kind in CLASSES:
+        per = d["recall"].get(kind, {})
+        cells = [f"{per[b][0]}/{per[b][1]}" if b in per else "-" for b in sizes]
+        lines.append(
+            f"| {kind} | {_num(d['recall_per_type'].get(kind, math.nan))} | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        f"What picks each image's thresholds and minimum area (configured: {d['decided_by']}); rows: the "
+        "true type, columns: the type decided, images:",
+        "",
+    ]
+    for decider, confusion in d["confusion"].items():
+        acc = d["type_accuracy"][decider]
+        lines += [
+            f"{decider}: right on {_num(acc['all'])} of the images "
+            + "("
+            + ", ".join(f"{k} {_num(acc[k])}" for k in CLASSES if k in acc)
+            + ")",
+            "",
+            "| true \\ decided | " + " | ".join([*CLASSES, "none"]) + " |",
+            "|---|" + "---:|" * (len(CLASSES) + 1),
+        ]
+        for kind in CLASSES:
+            row = confusion.get(kind, {})
+            lines.append(f"| {kind} | " + " | ".join(str(row.get(c, 0)) for c in [*CLASSES, "none"]) + " |")
+        lines.append("")
+    miou = summary.get("segmenter_mIoU_per_type") or {}
+    if miou:
+        lines += [
+            "Segmenter mean mask IoU on the held-out truth boxes, per type: "
+            + ", ".join(f"{k} {_num(miou[k])}" for k in CLASSES if k in miou)
+            + ".",
+            "",
+        ]
+    lines += [
+        "The oracle row of the table gives every box its image's true type: what a right type "
+        "decision is worth. It uses the truth, so it is a diagnosis, never a figure to claim.",
+        "",
+    ]
+    return lines
 
 
 def format_real_md(
@@ -76,7 +157,7 @@ def format_real_md(
 ) -> str:
     """The report's text (see the module doc)."""
     n = summary["n_scored"]
-    head = ["row", "score", *CLASSES]
+    head = ["row", "score", "mean of types", *CLASSES]
     lines = [
         "# The pipeline on real competition images",
         "",
@@ -96,7 +177,9 @@ def format_real_md(
         f"## Competition metric on {n} held-out images",
         "",
         "`*` = the pipeline as configured (the paper's thresholds shsy5y 0.25, cort 0.55, astro 0.35, "
-        "class vote, minimum areas).",
+        "one type per image, minimum areas: `predict.yaml` of the run). `mean of types`: the mean of the "
+        "three types' scores, each weighted equally (the fold is 30 cort / 6 shsy5y / 11 astro images, "
+        "so the plain score is mostly cort's).",
         "",
         "| " + " | ".join(head) + " |",
         "|---|" + "|".join("---:" for _ in head[1:]) + "|",
@@ -105,7 +188,12 @@ def format_real_md(
     for k, r in enumerate(summary["ablation"]):
         name = r["row"] + (" *" if r["configured"] else "")
         score = _num(r["score"])
-        cells = [name, f"**{score}**" if k == best else score, *(_num(r[c]) for c in CLASSES)]
+        cells = [
+            name,
+            f"**{score}**" if k == best else score,
+            _num(mean_of_types(r)),
+            *(_num(r[c]) for c in CLASSES),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     tuned = summary.get("tuned")
     if tuned:
@@ -122,6 +210,7 @@ def format_real_md(
         "",
     ]
     lines += ["## Targets", "", *_targets(summary), ""]
+    lines += _diagnosis(summary)
     lines += [
         "## Misses or false cells? Precision and recall at IoU 0.5",
         "",
