@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import logging
 import math
 import shutil
@@ -62,19 +61,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gpu_common as common
 
-def _sibling(name: str) -> Any:
-    """``benchmarks/<name>.py`` as a module (the helpers gpu_check.py shares)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _sibling("gpu_check")
 Deadline, Record, Stopped = common.Deadline, common.Record, common.Stopped
 data_root, finite_or_none = common.data_root, common.finite_or_none
 

@@ -18,6 +18,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import MultiScaleRoIAlign
 
 from cellmask.engine import build_eval_loader
+from cellmask.engine.launch import free_port
 from cellmask.training.validation import evaluate_detector
 
 SIZE = 64
@@ -212,15 +213,6 @@ class Oracle(nn.Module):
 
     def forward(self, images, targets=None):
         return [dict(self.answers[image_key(image)]) for image in images]
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now (the DDP tests' rendezvous)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn_ranks(worker: Any, out: str, world: int = 2, timeout_s: float = 120.0) -> None:

@@ -26,6 +26,7 @@ from cellmask.engine import (
     seed_everything,
 )
 from cellmask.engine.history import read_rows_csv
+from cellmask.engine.launch import rank_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,13 +176,7 @@ def test_budget_object():
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+    os.environ.update(rank_env(rank, world, port))
     torch.set_num_threads(1)
     info = init_distributed("cpu")
     # only rank 1's clock runs out (after its first step): rank 0 must stop with it, at that step

@@ -26,6 +26,7 @@ from cellmask.engine import (
     shard,
 )
 from cellmask.engine.history import read_rows_csv
+from cellmask.engine.launch import rank_env
 from cellmask.training.validation import evaluate_detector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,13 +60,7 @@ def _val_items():
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+    os.environ.update(rank_env(rank, world, port))
     torch.set_num_threads(1)
     seed_everything(rank)  # different per rank on purpose: DDP must broadcast rank 0's weights
     model = EmaTiny(4)

@@ -23,7 +23,10 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _gpu_check():
+def _gpu_check(monkeypatch):
+    """The script as a module; its folder on ``sys.path`` for the test, as when it runs (its
+    sibling ``gpu_common`` imports)."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     if "gpu_check" in sys.modules:
         return sys.modules["gpu_check"]
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
@@ -40,10 +43,11 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_gpu_check_smoke_measures_every_model_and_the_ensemble(tmp_path: Path):
+def test_gpu_check_smoke_measures_every_model_and_the_ensemble(tmp_path: Path, monkeypatch):
+    gpu_check = _gpu_check(monkeypatch)
     out = tmp_path / "out"
     argv = ["--smoke", "--warmup", "1", "--steps", "2", "--infer-passes", "2"]
-    assert _gpu_check().main([*argv, "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    assert gpu_check.main([*argv, "--out", str(out), "--work", str(tmp_path / "work")]) == 0
 
     result = json.loads((out / "gpu_check.json").read_text())
     assert (
@@ -53,7 +57,7 @@ def test_gpu_check_smoke_measures_every_model_and_the_ensemble(tmp_path: Path):
         and not result["errors"]
     )
     assert result["profile"] == "smoke" and result["device"]["type"] == "cpu"
-    assert [row["model"] for row in result["train"]] == _gpu_check().MODELS
+    assert [row["model"] for row in result["train"]] == gpu_check.MODELS
     for row in result["train"]:
         assert row["timed_steps"] == 2 and row["warmup_steps"] == 1 and row["steps_per_s"] > 0
         assert row["finite"] and row["peak_gb"] > 0 and not row["cut_for_time"]
@@ -96,18 +100,19 @@ def test_gpu_check_json_is_valid_when_killed_after_the_first_item(tmp_path: Path
     assert killed["train"][0]["model"] == "faster_rcnn_swin_t" and killed["train"][0]["finite"]
 
 
-def test_gpu_check_a_tiny_budget_skips_for_time(tmp_path: Path):
+def test_gpu_check_a_tiny_budget_skips_for_time(tmp_path: Path, monkeypatch):
+    gpu_check = _gpu_check(monkeypatch)
     out = tmp_path / "out"
     start = time.monotonic()
     argv = ["--smoke", "--minutes", "0.005", "--warmup", "1", "--steps", "1"]
-    assert _gpu_check().main([*argv, "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    assert gpu_check.main([*argv, "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     seconds = time.monotonic() - start
 
     result = json.loads((out / "gpu_check.json").read_text())
     assert result["status"].startswith("partial") and result["finished"] and not result["errors"]
     timed_out = [s["item"] for s in result["skipped"] if s["reason"] == "time"]
-    assert len(result["train"]) <= 1 and len(timed_out) >= len(_gpu_check().MODELS) - 1
-    assert all(s["item"] in [*_gpu_check().MODELS, "inference"] for s in result["skipped"])
+    assert len(result["train"]) <= 1 and len(timed_out) >= len(gpu_check.MODELS) - 1
+    assert all(s["item"] in [*gpu_check.MODELS, "inference"] for s in result["skipped"])
     assert "inference" not in result  # it needs the segmenter, skipped for time
     assert seconds < 30  # at most one model's two steps past the 0.3 s budget
 
@@ -164,8 +169,8 @@ def test_gpu_check_sh_installs_the_carried_wheels_of_what_the_python_lacks(tmp_p
     assert missing.returncode == 3 and "CANNOT RUN the scripts: missing gpu_check_absent" in missing.stdout
 
 
-def test_gpu_check_signals_stop_the_run(tmp_path: Path):
-    gpu_check = _gpu_check()
+def test_gpu_check_signals_stop_the_run(tmp_path: Path, monkeypatch):
+    gpu_check = _gpu_check(monkeypatch)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(gpu_check.Stopped, match="SIGTERM"), gpu_check.stop_on_signals():
         os.kill(os.getpid(), signal.SIGTERM)

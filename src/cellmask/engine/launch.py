@@ -22,15 +22,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """The environment ``torchrun`` gives process ``rank`` of ``world`` on this machine."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+    }
+
+
 def _rank_main(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, results: Any) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-    )
+    os.environ.update(rank_env(rank, world, port))
     value = fn(*args)
     if rank == 0:
         results.put(value)
