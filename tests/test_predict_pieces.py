@@ -101,7 +101,9 @@ def test_wbf_gets_normalised_boxes_and_the_predictor_returns_pixels(monkeypatch)
     image = _blobs(height, width, rects=((100, 150, 300, 380), (400, 470, 600, 700)))
     a = Branch("a", BlobDetector(hi=0.9), weight=2.0)
     b = Branch("b", BlobDetector(hi=0.7, pad=2), weight=3.0)
-    predictor = Predictor([a, b], ContentSegmenter(), {"device": "cpu", "tta": True})
+    # the 8-entry reading: one WBF call (per_model, the default, is tested in test_predict_fusion)
+    options = {"device": "cpu", "tta": True, "tta_fusion": "views"}
+    predictor = Predictor([a, b], ContentSegmenter(), options)
     raw = predictor.detect_raw([_tensor(image)])[0]
     fused = predictor.fuse(raw, (height, width))
 
