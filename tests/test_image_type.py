@@ -65,7 +65,7 @@ def test_targets_outputs_and_config():
     )
     model.train()
     empty = model([torch.rand(3, 32, 32)], [{"labels": torch.tensor([])}])["loss_type"]
-    assert float(empty) == 0.0 and empty.requires_grad  # a window without cells counts for nothing
+    assert float(empty.detach()) == 0.0 and empty.requires_grad  # a window without cells counts for nothing
     with pytest.raises(ValueError, match="model.widths"):
         build_image_classifier({"type": "image_type"}, 4)
     with pytest.raises(ValueError, match="must be 'image_type'"):

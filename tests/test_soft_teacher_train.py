@@ -107,7 +107,7 @@ def test_references_augmentations_train_a_few_steps(data_root: Path):
     for it, batch in enumerate(loader):
         out = model.training_step(batch)
         loss = sum(v for k, v in out.items() if k.startswith("loss"))
-        assert all(math.isfinite(float(v)) for v in out.values()), out
+        assert all(math.isfinite(float(torch.as_tensor(v).detach())) for v in out.values()), out
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
