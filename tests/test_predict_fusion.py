@@ -93,6 +93,30 @@ def test_per_model_keeps_a_cell_together_where_one_wbf_call_splits_a_branchs_vie
     assert per_model[0][1] == pytest.approx([5.65 / 3.05, 0, 36.15 / 3.05, 10], abs=1e-3)
 
 
+def test_per_model_does_not_cut_a_cell_whose_branch_views_disagree():
+    # branch A (weight 1): a1 = cols 0..10 (0.8), a2 = cols 3..13 (0.8); IoU 7 / 13 = 0.54, so
+    #   A's merge keeps them apart: two boxes at 0.8 / 2 = 0.4
+    # branch B (weight 1): cols 1.5..11.5 at 0.9 in both views: one box at 0.9
+    a = [_box(0, 10, 0.8), _box(3, 13, 0.8)]
+    b = [_box(1.5, 11.5, 0.9), _box(1.5, 11.5, 0.9)]
+    fused = _both([a, b], [1.0, 1.0])
+    # per_model's branches (sum of weights 2): B opens; a1 overlaps it by 8.5 / 11.5 = 0.74 and
+    #   joins, a2 overlaps the cluster's box (1.04..11.04) by 0.67 and joins: three boxes for two
+    #   models. WBF's cap would score it mean(0.9, 0.4, 0.4) x 2 / 2 = 0.567; uncapped it is
+    #   (0.9 + 0.4 + 0.4) / 2 = 0.85, what one call over the 4 views gives:
+    #   (0.9 + 0.9 + 0.8 + 0.8) / 4 = 0.85, box cols 1.5..11.5 in both
+    for mode, det in fused.items():
+        got = _sorted(det)
+        assert [s for s, _ in got] == pytest.approx([0.85], abs=1e-6), mode
+        assert got[0][1] == pytest.approx([1.5, 0, 11.5, 10], abs=1e-3), mode
+    # without TTA (one view per branch) the branches' WBF keeps the library's cap
+    no_tta = fuse_branches([[a[0]], [a[1]], [b[0]]], [1.0, 1.0, 1.0], SIZE, tta_fusion="per_model")
+    assert float(no_tta.scores.max()) <= 1.0
+    # a branch with duplicates in both views never scores a cell above 1
+    dup = [Detections([[0, 0, 10, 10], [0, 0, 9.6, 10]], [0.95, 0.9], [1, 1])] * 2
+    assert float(fuse_branches([dup, b], [1.0, 1.0], SIZE, tta_fusion="per_model").scores.max()) <= 1.0
+
+
 def test_per_model_drops_a_one_view_box_under_twice_skip_box_thr():
     # skip_box_thr 0.01 meets the raw score in `views` and the view-averaged one in `per_model`
     a = [_box(0, 10, 0.015), _empty()]
