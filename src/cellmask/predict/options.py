@@ -70,8 +70,8 @@ PREDICT_DEFAULTS: dict[str, Any] = {
 - ``tta``: horizontal-flip test-time augmentation of every branch (paper: on);
 - ``tta_fusion``: how the views enter WBF: ``views`` (every (branch, view) pair is one WBF model
   carrying its branch's weight: 8 entries for 4 branches) or ``per_model`` (each branch's views
-  merged first, then WBF of the branches: the paper's "flip TTA, then WBF of the four models");
-  :mod:`cellmask.predict.fusion` derives where the two differ. The default (and
+  merged first, then WBF of the branches, uncapped: the paper's "flip TTA, then WBF of the four
+  models"); :mod:`cellmask.predict.fusion` derives where the two differ. The default (and
   ``--paper-exact``'s) is ``per_model``: on the real held-out fold it scored at least as well as
   ``views`` (benchmarks/REAL.md);
 - ``wbf``: :func:`ensemble_boxes.weighted_boxes_fusion` arguments (paper: ``iou_thr`` 0.6,
